@@ -1,0 +1,70 @@
+"""Output gate for attention mixers (G1 position of Qiu et al., 2025, "Gated Attention for LLMs").
+
+``y' = y * sigmoid(x W_g)`` where ``y`` is the per-head attention output before the output projection and ``x`` the
+(pre-normed) mixer input. ``elementwise`` learns one gate per channel of every head (width ``heads * head_dim``, the
+layout of timm's ``Attention(gated=True)``, whose ``attn.gate.{weight,bias}`` keys it shares); ``headwise`` learns one
+scalar per head (width ``heads``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GATE_MODES = ("none", "headwise", "elementwise")
+
+
+class OutputGate(nn.Linear):
+    """Sigmoid gate on a per-head output.
+
+    Args:
+        dim: width of the gate input ``x``.
+        num_heads: number of heads of the gated output.
+        head_dim: channels per head of the gated output.
+        mode: ``"elementwise"`` (one gate per output channel) or ``"headwise"`` (one gate per head).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        head_dim: int,
+        mode: str = "elementwise",
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        if mode not in ("headwise", "elementwise"):
+            raise ValueError(f"gate mode must be 'headwise' or 'elementwise', got {mode!r}")
+        super().__init__(dim, num_heads * head_dim if mode == "elementwise" else num_heads, bias=bias, device=device,
+                         dtype=dtype)
+        self.mode = mode
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=0.02)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Gate ``y`` of shape ``(..., heads * head_dim)`` with gate input ``x`` of shape ``(..., dim)``."""
+        gate = torch.sigmoid(F.linear(x, self.weight, self.bias))
+        if self.mode == "headwise":
+            return (y.unflatten(-1, (self.num_heads, self.head_dim)) * gate.unsqueeze(-1)).flatten(-2)
+        return y * gate
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, mode={self.mode}"
+
+
+def create_gate(
+    gate: str | None, dim: int, num_heads: int, head_dim: int, bias: bool = True, device=None, dtype=None
+) -> OutputGate | None:
+    """Build the output gate named by ``gate`` (one of :data:`GATE_MODES`); ``"none"``/``None`` gives ``None``."""
+    if gate is None or gate == "none":
+        return None
+    if gate not in GATE_MODES:
+        raise ValueError(f"gate must be one of {GATE_MODES}, got {gate!r}")
+    return OutputGate(dim, num_heads, head_dim, mode=gate, bias=bias, device=device, dtype=dtype)

@@ -1,0 +1,68 @@
+"""Stems: image ``(B, in_chans, H, W)`` -> channels-last tokens ``(B, H / stride, W / stride, C)``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.layers import LayerNorm2d
+
+
+class ConvStem(nn.Module):
+    """Two 3x3 stride-2 convolutions (stride 4 in all), optionally with a norm/activation between them and a norm
+    after (NAT: no mid norm/act, LayerNorm after; BiFormer: BatchNorm + GELU between, BatchNorm after).
+
+    Norm layers act on NCHW maps (``LayerNorm2d``, ``BatchNorm2d``); the output is channels-last.
+    """
+
+    stride = 4
+
+    def __init__(
+        self,
+        in_chans: int,
+        embed_dim: int,
+        hidden_dim: int | None = None,
+        norm_layer: type[nn.Module] | None = LayerNorm2d,
+        mid_norm_layer: type[nn.Module] | None = None,
+        act_layer: type[nn.Module] | None = None,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        hidden_dim = hidden_dim or embed_dim // 2
+        layers: list[nn.Module] = [nn.Conv2d(in_chans, hidden_dim, 3, stride=2, padding=1, bias=bias, **dd)]
+        if mid_norm_layer is not None:
+            layers.append(mid_norm_layer(hidden_dim, **dd))
+        if act_layer is not None:
+            layers.append(act_layer())
+        layers.append(nn.Conv2d(hidden_dim, embed_dim, 3, stride=2, padding=1, bias=bias, **dd))
+        self.proj = nn.Sequential(*layers)
+        self.norm = norm_layer(embed_dim, **dd) if norm_layer is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x)).permute(0, 2, 3, 1)
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Overlapping patch embedding: one ``patch_size`` conv with ``stride`` and ``patch_size // 2`` padding, then a
+    norm (PVTv2-style stems and stage transitions). NCHW in, channels-last out."""
+
+    def __init__(
+        self,
+        in_chans: int,
+        embed_dim: int,
+        patch_size: int = 7,
+        stride: int = 4,
+        norm_layer: type[nn.Module] | None = LayerNorm2d,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.stride = stride
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=stride, padding=patch_size // 2, **dd)
+        self.norm = norm_layer(embed_dim, **dd) if norm_layer is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x)).permute(0, 2, 3, 1)

@@ -1,0 +1,47 @@
+"""The attnzoo console script."""
+
+import subprocess
+import sys
+
+import pytest
+
+from attnzoo.cli import main
+from attnzoo.demo import format_table, profile_model, sample_image_path
+
+
+def test_demo_profiles_a_model_on_a_real_photo(capsys):
+    assert main(["demo", "--models", "gated_vit_tiny*", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "china.jpg (640x427)" in out
+    row = next(line for line in out.splitlines() if line.startswith("gated_vit_tiny_patch16_224"))
+    params, gflops = float(row.split()[1]), float(row.split()[2])
+    assert params == pytest.approx(6.16, abs=0.01)
+    assert 1.2 < gflops < 1.5  # DeiT-Ti is 1.26 GMACs; the gate adds ~0.09
+
+
+def test_profile_report_fields():
+    from PIL import Image
+
+    report = profile_model("gated_vit_tiny_patch16_224", Image.open(sample_image_path("flower.jpg")), repeats=1)
+    assert report.input_size == (3, 224, 224) and report.output_shape == (1, 1000) and report.latency_ms > 0
+    assert "gated_vit_tiny_patch16_224" in format_table([report])
+
+
+def test_demo_rejects_unknown_pattern():
+    with pytest.raises(ValueError, match="no attnzoo model matches"):
+        main(["demo", "--models", "resnet*"])
+    with pytest.raises(ValueError, match="sample image"):
+        sample_image_path("owl.jpg")
+
+
+def test_models_command(capsys):
+    assert main(["models", "gated_vit_*"]) == 0
+    assert capsys.readouterr().out.split() == [
+        "gated_vit_base_patch16_224", "gated_vit_small_patch16_224", "gated_vit_tiny_patch16_224"
+    ]
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["models"]])
+def test_help_for_every_command(command):
+    out = subprocess.run([sys.executable, "-m", "attnzoo.cli", *command, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "usage: attnzoo" in out.stdout
