@@ -64,12 +64,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(self.attn_dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         """``x``: ``(B, N, C)`` or ``(B, H, W, C)``; ``attn_mask``: bool or additive float, broadcastable to
         ``(B, heads, N, N)``. Returns the input's shape."""
-        shape = x.shape
+        shape = list(x.shape)
         tokens = x.flatten(1, -2)
         B, N, _ = tokens.shape
         q, k, v = self.qkv(tokens).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -81,4 +79,5 @@ class Attention(nn.Module):
         if self.gate is not None:
             out = self.gate(tokens, out)
         out = self.proj_drop(self.proj(out))
-        return out.view(*shape[:-1], out.shape[-1])
+        shape[-1] = out.shape[-1]
+        return out.view(shape)

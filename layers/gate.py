@@ -37,8 +37,9 @@ class OutputGate(nn.Linear):
     ) -> None:
         if mode not in ("headwise", "elementwise"):
             raise ValueError(f"gate mode must be 'headwise' or 'elementwise', got {mode!r}")
-        super().__init__(dim, num_heads * head_dim if mode == "elementwise" else num_heads, bias=bias, device=device,
-                         dtype=dtype)
+        super().__init__(
+            dim, num_heads * head_dim if mode == "elementwise" else num_heads, bias=bias, device=device, dtype=dtype
+        )
         self.mode = mode
         self.num_heads = num_heads
         self.head_dim = head_dim

@@ -49,8 +49,7 @@ def model():
 
 def test_drop_path_rates_rise_linearly():
     m = _build(drop_path_rate=0.4)
-    rates = [b.drop_path1.drop_prob if hasattr(b.drop_path1, "drop_prob") else 0.0
-             for s in m.stages for b in s.blocks]
+    rates = [b.drop_path1.drop_prob if hasattr(b.drop_path1, "drop_prob") else 0.0 for s in m.stages for b in s.blocks]
     torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.4, sum(DEPTHS)))
 
 

@@ -62,7 +62,12 @@ def test_conv_stem_shapes(size):
     assert y.shape == (2, -(-size[0] // 4), -(-size[1] // 4), 32)
     plain = ConvStem(3, 32)  # NAT layout: proj.0, proj.1, norm
     assert [k for k in plain.state_dict()] == [
-        "proj.0.weight", "proj.0.bias", "proj.1.weight", "proj.1.bias", "norm.weight", "norm.bias"
+        "proj.0.weight",
+        "proj.0.bias",
+        "proj.1.weight",
+        "proj.1.bias",
+        "norm.weight",
+        "norm.bias",
     ]
 
 

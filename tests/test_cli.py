@@ -37,7 +37,9 @@ def test_demo_rejects_unknown_pattern():
 def test_models_command(capsys):
     assert main(["models", "gated_vit_*"]) == 0
     assert capsys.readouterr().out.split() == [
-        "gated_vit_base_patch16_224", "gated_vit_small_patch16_224", "gated_vit_tiny_patch16_224"
+        "gated_vit_base_patch16_224",
+        "gated_vit_small_patch16_224",
+        "gated_vit_tiny_patch16_224",
     ]
 
 

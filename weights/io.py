@@ -24,7 +24,7 @@ def unwrap_state_dict(checkpoint: Mapping, keys: tuple[str, ...] = _WRAPPER_KEYS
     if not tensors:
         raise ValueError(f"checkpoint holds no tensors under any of {keys}; top-level keys: {list(checkpoint)[:10]}")
     if all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
     return tensors
 
 

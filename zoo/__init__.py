@@ -6,7 +6,7 @@
     model = timm.create_model("gated_vit_small_patch16_224")
 """
 
-from . import gated_vit, layers
+from . import gated_vit, layers  # noqa: F401  (importing a family registers its models)
 from ._registry import list_models
 
 __version__ = "0.1.0"

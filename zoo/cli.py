@@ -36,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=int, default=3, help="timed forward passes per model (median reported)")
     demo.set_defaults(func=_cmd_demo)
 
-    models = commands.add_parser("models", help="list the registered attnzoo models",
-                                 description="List attnzoo's models in timm's registry.")
+    models = commands.add_parser(
+        "models", help="list the registered attnzoo models", description="List attnzoo's models in timm's registry."
+    )
     models.add_argument("pattern", nargs="?", default="", help="timm wildcard filter")
     models.set_defaults(func=_cmd_models)
     return parser

@@ -77,7 +77,7 @@ def format_table(reports: list[ModelReport]) -> str:
     for r in reports:
         size = "x".join(map(str, r.input_size))
         lines.append(
-            f"{r.name:<36} {r.params_m:>10.2f} {r.gflops:>8.2f} {r.latency_ms:>8.1f}  {size:<14} {tuple(r.output_shape)}"
+            f"{r.name:<36} {r.params_m:>10.2f} {r.gflops:>8.2f} {r.latency_ms:>8.1f}  {size:<14} {r.output_shape}"
         )
     return "\n".join(lines)
 
@@ -90,8 +90,10 @@ def run_demo(pattern: str = "", image: str | None = None, repeats: int = 3) -> l
     if not names:
         raise ValueError(f"no attnzoo model matches {pattern!r}; see `attnzoo models`")
     photo = Image.open(path).convert("RGB")
-    print(f"attnzoo demo: {len(names)} models on {path.name} ({photo.width}x{photo.height}), "
-          f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, timm {timm.__version__}")
+    print(
+        f"attnzoo demo: {len(names)} models on {path.name} ({photo.width}x{photo.height}), "
+        f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, timm {timm.__version__}"
+    )
     reports = []
     for name in names:
         reports.append(profile_model(name, photo, repeats=repeats))

@@ -55,12 +55,29 @@ def gated_vit_block(
         raise ValueError("scale_mlp_norm is not supported by gated ViT blocks")
     dd = {"device": device, "dtype": dtype}
     mixer = Attention(
-        dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, scale_norm=scale_attn_norm,
-        proj_bias=proj_bias, gate=gate, attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer, **dd,
+        dim,
+        num_heads=num_heads,
+        qkv_bias=qkv_bias,
+        qk_norm=qk_norm,
+        scale_norm=scale_attn_norm,
+        proj_bias=proj_bias,
+        gate=gate,
+        attn_drop=attn_drop,
+        proj_drop=proj_drop,
+        norm_layer=norm_layer,
+        **dd,
     )
     return TransformerBlock(
-        dim, mixer, mlp_ratio=mlp_ratio, drop_path=drop_path, layer_scale_init_value=init_values,
-        proj_drop=proj_drop, mlp_bias=proj_bias, norm_layer=norm_layer, act_layer=act_layer, mlp_layer=mlp_layer,
+        dim,
+        mixer,
+        mlp_ratio=mlp_ratio,
+        drop_path=drop_path,
+        layer_scale_init_value=init_values,
+        proj_drop=proj_drop,
+        mlp_bias=proj_bias,
+        norm_layer=norm_layer,
+        act_layer=act_layer,
+        mlp_layer=mlp_layer,
         **dd,
     )
 
