@@ -7,6 +7,7 @@ from .downsample import ConvDownsample, PatchMerging
 from .gate import GATE_MODES, OutputGate, create_gate
 from .mixer import create_mixer, get_mixer, list_mixers, register_mixer
 from .stem import ConvStem, OverlapPatchEmbed
+from .window_attention import WindowAttention2d
 
 __all__ = [
     "GATE_MODES",
@@ -20,6 +21,7 @@ __all__ = [
     "PatchMerging",
     "Stage",
     "TransformerBlock",
+    "WindowAttention2d",
     "build_stages",
     "create_gate",
     "create_mixer",
