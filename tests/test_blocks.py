@@ -6,7 +6,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 
-from attnzoo.layers import Attention, ConvDownsample, ConvPosEnc, ConvStem, OverlapPatchEmbed, TransformerBlock
+from attnzoo.layers import (
+    Attention,
+    ConvDownsample,
+    ConvPosEnc,
+    ConvStem,
+    OverlapPatchEmbed,
+    PatchMerging,
+    TransformerBlock,
+)
 
 
 def test_block_is_prenorm_residual():
@@ -89,3 +97,15 @@ def test_conv_downsample_channels_last(size):
     conv = F.conv2d(x.permute(0, 3, 1, 2), down.reduction.weight, stride=2, padding=1).permute(0, 2, 3, 1)
     torch.testing.assert_close(y, F.layer_norm(conv, (16,), down.norm.weight, down.norm.bias, eps=1e-6))
     assert down.reduction.bias is None
+
+
+@pytest.mark.parametrize("size", [(8, 8), (7, 5)])
+def test_patch_merging_concatenates_2x2_neighbourhoods(size):
+    torch.manual_seed(0)
+    merge = PatchMerging(4, out_dim=6)
+    x = torch.randn(1, *size, 4)
+    y = merge(x)
+    assert y.shape == (1, -(-size[0] // 2), -(-size[1] // 2), 6)
+    padded = F.pad(x, (0, 0, 0, size[1] % 2, 0, size[0] % 2))
+    patch = padded[0, :2, :2].permute(1, 0, 2).reshape(-1)  # Swin order: (0,0), (1,0), (0,1), (1,1)
+    torch.testing.assert_close(y[0, 0, 0], merge.reduction(merge.norm(patch)))
