@@ -29,6 +29,7 @@ class _Evil:
         return (print, ("side effect",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_refuses_arbitrary_pickles(tmp_path):
     with open(tmp_path / "evil.pth", "wb") as f:
         pickle.dump({"model": {"w": torch.ones(1)}, "config": _Evil()}, f)
