@@ -22,7 +22,7 @@ class ConvPosEnc(nn.Conv2d):
         super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return x + self._conv_forward(x.permute(0, 3, 1, 2), self.weight, self.bias).permute(0, 2, 3, 1)
 
 
 class TransformerBlock(nn.Module):
