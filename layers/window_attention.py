@@ -32,7 +32,7 @@ def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int
 
 
 def relative_position_index(
-    win_h: int, win_w: int, table_size: tuple[int, int] | None = None, device=None
+    win_h: int, win_w: int, table_size: tuple[int, int] | None = None, device: torch.device | None = None
 ) -> torch.Tensor:
     """Index ``(win_h*win_w, win_h*win_w)`` into a Swin relative position bias table.
 
@@ -40,7 +40,9 @@ def relative_position_index(
     ``j`` (row-major positions inside the window): ``(dy + Th - 1) * (2 * Tw - 1) + (dx + Tw - 1)``, where the table
     was built for a ``Th x Tw`` window (``table_size``, default ``(win_h, win_w)``; it must not be smaller).
     """
-    table_h, table_w = table_size or (win_h, win_w)
+    if table_size is None:
+        table_size = (win_h, win_w)
+    table_h, table_w = table_size
     if win_h > table_h or win_w > table_w:
         raise ValueError(f"window {(win_h, win_w)} is larger than the bias table's window {(table_h, table_w)}")
     ys = torch.arange(win_h, device=device).repeat_interleave(win_w)  # (N,)
@@ -64,7 +66,7 @@ def _window_merge(x: torch.Tensor, win_h: int, win_w: int, Hp: int, Wp: int) -> 
     return x.reshape(B, Hp, Wp, C)
 
 
-def _shift_regions(size: int, window: int, shift: int, device=None) -> torch.Tensor:
+def _shift_regions(size: int, window: int, shift: int, device: torch.device | None = None) -> torch.Tensor:
     """Region label ``(size,)`` of every position of a padded, rolled axis.
 
     Rolling by ``-shift`` moves the first ``shift`` positions to the end of the axis, into the last window, next to
@@ -166,7 +168,7 @@ class WindowAttention2d(nn.Module):
         return self.relative_position_bias_table[index.view(-1)].view(n, n, self.num_heads).permute(2, 0, 1)
 
     def _window_mask(
-        self, H: int, W: int, Hp: int, Wp: int, win: tuple[int, int], shift: tuple[int, int], device
+        self, H: int, W: int, Hp: int, Wp: int, win: tuple[int, int], shift: tuple[int, int], device: torch.device
     ) -> torch.Tensor:
         """Allowed attention ``(nW, N, N)`` (bool) on the padded, rolled ``Hp x Wp`` map.
 

@@ -135,3 +135,12 @@ def test_meta_device_construction():
 def test_stage_dims_mismatch_raises():
     with pytest.raises(ValueError, match="dims"):
         HierarchicalVisionTransformer(ConvStem(3, 8), [], dims=[8])
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.parametrize("mixers", [("attention",) * 4, ("window", "window", "attention", "attention")])
+def test_backbone_scripts(mixers):
+    model = _build(mixers=mixers).eval()
+    x = torch.randn(1, 3, 72, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(model)(x), model(x))

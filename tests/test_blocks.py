@@ -48,6 +48,14 @@ def test_block_on_token_sequences_passes_masks():
     assert not torch.allclose(block(x, is_causal=True), block(x))
 
 
+def test_block_rejects_masks_for_maskless_mixers():
+    from attnzoo.layers import WindowAttention2d
+
+    block = TransformerBlock(8, WindowAttention2d(8, num_heads=2, window_size=2))
+    with pytest.raises(ValueError, match="takes no attention mask"):
+        block(torch.randn(1, 4, 4, 8), is_causal=True)
+
+
 def test_block_drop_path_only_in_training():
     block = TransformerBlock(8, Attention(8, num_heads=2), drop_path=0.5)
     x = torch.randn(64, 2, 2, 8)

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -45,5 +46,6 @@ def test_models_command(capsys):
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["models"]])
 def test_help_for_every_command(command):
-    out = subprocess.run([sys.executable, "-m", "attnzoo.cli", *command, "--help"], capture_output=True, text=True)
+    script = Path(sys.executable).parent / "attnzoo"  # the console script installed beside this interpreter
+    out = subprocess.run([str(script), *command, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage: attnzoo" in out.stdout

@@ -317,3 +317,18 @@ def test_torch_compile_inductor_matches_eager():
     compiled = torch.compile(mod)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), mod(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"shift_size": 3}, {"window_size": (4, 6), "shift_size": (2, 3), "gate": "headwise"}]
+)
+def test_torchscript_matches_eager(kwargs):
+    """``torch.jit.script`` compiles the module (clamped windows, padding, shifts and the gate included) and the
+    scripted forward equals the eager one on maps that are multiples of the window, padded, and smaller than it."""
+    mod = _make(dim=32, num_heads=4, **kwargs)
+    scripted = torch.jit.script(mod)
+    for size in [(14, 14), (9, 17), (3, 5)]:
+        x = torch.randn(2, *size, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(scripted(x), mod(x), atol=1e-6, rtol=0)
