@@ -312,33 +312,29 @@ def test_model_default_cfgs(model_name):
     _assert_frozen_survives_reset_and_resize(model_name, reset_pool=is_map)
 
 
+@pytest.mark.parametrize("feature_cls", [None, "getter"])
 @pytest.mark.parametrize("model_name", MODELS)
-def test_model_forward_features(model_name):
-    """``features_only=True`` (the model's default feature wrapper) gives >= 3 maps matching feature_info."""
+def test_model_forward_features(model_name, feature_cls):
+    """``features_only=True`` with the model's default feature wrapper and with ``feature_cls='getter'``
+    (FeatureGetterNet over forward_intermediates) gives >= 3 maps matching feature_info."""
     batch_size = 1
-    model = create_model(model_name, pretrained=False, features_only=True).eval()
+    kwargs = {"feature_cls": feature_cls} if feature_cls else {}
+    model = create_model(model_name, pretrained=False, features_only=True, **kwargs).eval()
     channels = model.feature_info.channels()
     reductions = model.feature_info.reduction()
     assert len(channels) >= 3, f"only {len(channels)} default feature levels"
     input_size = _get_input_size(model, TARGET_FFEAT_SIZE)
     _skip_if_too_large(input_size, MAX_FFEAT_SIZE)
     outputs = model(torch.randn((batch_size, *input_size)))
-    _assert_feature_maps(outputs, channels, reductions, input_size, batch_size, getattr(model, "output_fmt", "NCHW"))
-
-
-@pytest.mark.parametrize("model_name", MODELS)
-def test_model_forward_intermediates_features(model_name):
-    """``features_only=True, feature_cls='getter'`` (FeatureGetterNet over forward_intermediates)."""
-    batch_size = 1
-    model = create_model(model_name, pretrained=False, features_only=True, feature_cls="getter").eval()
-    channels = model.feature_info.channels()
-    reductions = model.feature_info.reduction()
-    assert len(channels) >= 3, f"only {len(channels)} default feature levels"
-    input_size = _get_input_size(model, TARGET_FFEAT_SIZE)
-    _skip_if_too_large(input_size, MAX_FFEAT_SIZE)
-    outputs = model(torch.randn((batch_size, *input_size)))
+    # as timm, the getter's lower bound on map sizes is not checked
     _assert_feature_maps(
-        outputs, channels, reductions, input_size, batch_size, getattr(model, "output_fmt", "NCHW"), check_lower=False
+        outputs,
+        channels,
+        reductions,
+        input_size,
+        batch_size,
+        getattr(model, "output_fmt", "NCHW"),
+        check_lower=feature_cls is None,
     )
 
 
