@@ -111,7 +111,7 @@ def _cfg(**kwargs) -> dict:
         "license": "apache-2.0",
         "paper_ids": ["arXiv:2505.06708", "arXiv:2012.12877"],
         "paper_name": "Gated Attention for Large Language Models; Training data-efficient image transformers",
-        "origin_url": "https://github.com/attnzoo/attnzoo",
+        "origin_url": "https://arxiv.org/abs/2505.06708",
         **kwargs,
     }
 
