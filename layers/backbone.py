@@ -22,6 +22,8 @@ from timm.layers import (
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
+from .simpool import SimPoolClassifierHead
+
 BlockFactory = Callable[[int, int, float], nn.Module]
 """``make_block(stage_index, block_index, drop_path) -> block``."""
 DownsampleFactory = Callable[[int], "nn.Module | None"]
@@ -70,7 +72,8 @@ class HierarchicalVisionTransformer(nn.Module):
         stem_stride: total stride of the stem.
         stage_strides: stride of each stage's downsampling (default: 1 for the first stage, 2 after).
         norm_layer: final channels-last norm on the last stage (``None``: no final norm).
-        num_classes, global_pool, drop_rate: classifier head (timm ``ClassifierHead`` on NHWC maps).
+        num_classes, global_pool, drop_rate: classifier head (timm ``ClassifierHead`` on NHWC maps;
+            ``global_pool="simpool"``: SimPool attention pooling, :class:`attnzoo.layers.SimPoolClassifierHead`).
 
     ``forward_features`` returns an NHWC map (``output_fmt = "NHWC"``); ``forward_intermediates`` returns stage
     outputs in NCHW (default) or NHWC.
@@ -110,7 +113,8 @@ class HierarchicalVisionTransformer(nn.Module):
             reduction *= stride
             self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f"stages.{i}"))
         self.norm = norm_layer(self.num_features, **dd) if norm_layer is not None else nn.Identity()
-        self.head = ClassifierHead(
+        head_layer = SimPoolClassifierHead if global_pool == "simpool" else ClassifierHead
+        self.head = head_layer(
             self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC", **dd
         )
         self.apply(self._init_linear)

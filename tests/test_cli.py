@@ -10,8 +10,8 @@ from attnzoo.cli import main
 from attnzoo.demo import format_table, profile_model, sample_image_path
 
 
-def test_demo_profiles_a_model_on_a_real_photo(capsys):
-    assert main(["demo", "--models", "gated_vit_tiny*", "--repeats", "1"]) == 0
+def test_profile_command_profiles_a_model_on_a_real_photo(capsys):
+    assert main(["profile", "--models", "gated_vit_tiny*", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "china.jpg (640x427)" in out
     row = next(line for line in out.splitlines() if line.startswith("gated_vit_tiny_patch16_224"))
@@ -28,9 +28,9 @@ def test_profile_report_fields():
     assert "gated_vit_tiny_patch16_224" in format_table([report])
 
 
-def test_demo_rejects_unknown_pattern():
+def test_profile_rejects_unknown_pattern():
     with pytest.raises(ValueError, match="no attnzoo model matches"):
-        main(["demo", "--models", "resnet*"])
+        main(["profile", "--models", "resnet*"])
     with pytest.raises(ValueError, match="sample image"):
         sample_image_path("owl.jpg")
 
@@ -44,7 +44,26 @@ def test_models_command(capsys):
     ]
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["models"]])
+def test_demo_trains_evaluates_exports_and_reloads(tmp_path, monkeypatch, capsys):
+    """The README's `attnzoo demo`, shortened to one epoch on 64 digits (the full run is measured in the README)."""
+    monkeypatch.chdir(tmp_path)
+    overrides = ["--trainer.max_epochs", "1", "--data.num_train_samples", "64", "--data.num_eval_samples", "40"]
+    assert main(["demo", *overrides, "--trainer.enable_progress_bar", "false"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("demo finished: held-out top-1"))
+    assert "on 40 images" in line and line.endswith("runs/demo/export/model.safetensors")
+    assert (tmp_path / "runs/demo/export/config.json").is_file() and (
+        tmp_path / "runs/demo/checkpoints/last.ckpt"
+    ).is_file()
+    assert list((tmp_path / "runs/demo/csv").glob("version_*/metrics.csv"))
+    assert list((tmp_path / "runs/demo/tensorboard").glob("version_*/events.out.tfevents.*"))
+    predict = ["predict", "--config", "demo/gated_vit_mnist.yaml", "--data.num_eval_samples", "40"]
+    assert main([*predict, "--ckpt_path", "runs/demo/checkpoints/last.ckpt"]) == 0
+    rows = (tmp_path / "runs/demo/predictions_rank0.csv").read_text().splitlines()
+    assert rows[0] == "index,target,classes,probabilities" and len(rows) == 41
+
+
+@pytest.mark.parametrize("command", [[], ["profile"], ["models"], ["fit"], ["demo"]])
 def test_help_for_every_command(command):
     script = Path(sys.executable).parent / "attnzoo"  # the console script installed beside this interpreter
     out = subprocess.run([str(script), *command, "--help"], capture_output=True, text=True)

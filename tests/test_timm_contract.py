@@ -15,6 +15,10 @@ Structural checks run on the meta device (no weights allocated, cheap for every 
 small input sizes chosen like timm's ``_get_input_size`` (honouring ``fixed_input_size`` / ``min_input_size``).
 Documented exclusion: a model class with ``supports_torchscript = False`` (its docstring says why) skips the TorchScript
 check.
+
+Quick local runs: ``ATTNZOO_TEST_QUICK=1`` runs the two most expensive dynamic checks — the prune contract and
+``torch.compile`` — on one representative per architecture only, the smallest size (``nat_tiny`` shares every code
+path of ``nat_mini`` but depth and width). By default, and in CI, every model runs every check.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import fnmatch
 import inspect
 import math
 import os
+import re
 
 import pytest
 import timm
@@ -36,6 +41,23 @@ from timm.models._manipulate import group_parameters
 import attnzoo
 
 MODELS = attnzoo.list_models()
+SIZE_ORDER = ("mini", "tiny", "small", "medium", "base", "large", "huge")
+
+
+def _smallest_per_architecture(names: list[str]) -> list[str]:
+    """One model per architecture (the name without its size word), the smallest size first in ``SIZE_ORDER``."""
+    size_pattern = re.compile(r"_(" + "|".join(SIZE_ORDER) + r")(?=_|$)")
+    chosen: dict[str, tuple[int, str]] = {}
+    for name in names:
+        match = size_pattern.search(name)
+        architecture = size_pattern.sub("", name, count=1)
+        rank = SIZE_ORDER.index(match.group(1)) if match else -1
+        if architecture not in chosen or rank < chosen[architecture][0]:
+            chosen[architecture] = (rank, name)
+    return sorted(name for _, name in chosen.values())
+
+
+HEAVY_CHECK_MODELS = _smallest_per_architecture(MODELS) if os.environ.get("ATTNZOO_TEST_QUICK") else MODELS
 
 # input size targets (timm: TARGET_*_SIZE / MAX_*_SIZE); a fixed_input_size model above the max is skipped
 TARGET_FWD_SIZE = 224
@@ -361,7 +383,7 @@ def test_model_forward_intermediates(model_name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("model_name", HEAVY_CHECK_MODELS)
 def test_prune_intermediate_layers_contract(model_name):
     """Pruned / stop_early taps match the unpruned model's; pruned models keep their output w/ the head and train."""
     model = create_model(model_name, pretrained=False).eval()
@@ -437,7 +459,7 @@ def test_model_forward_torchscript(model_name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("model_name", HEAVY_CHECK_MODELS)
 def test_model_forward_compile(model_name):
     """``torch.compile(fullgraph=True)`` forward matches eager (no graph breaks; ``torch._dynamo.explain`` reports
     them when there are)."""

@@ -6,8 +6,20 @@
     model = timm.create_model("gated_vit_small_patch16_224")
 """
 
-from . import gated_vit, layers  # noqa: F401  (importing a family registers its models)
+# importing a family module registers its models (one line per family)
+from . import (
+    agent_deit,  # noqa: F401
+    agent_pvt,  # noqa: F401
+    agent_swin,  # noqa: F401
+    biformer,  # noqa: F401
+    gated_vit,  # noqa: F401
+    layers,  # noqa: F401
+    metapool,  # noqa: F401
+    nat,  # noqa: F401
+    tome,  # noqa: F401
+)
 from ._registry import list_models
+from .tome import apply_token_merging, remove_token_merging
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "layers", "list_models"]
+__all__ = ["__version__", "apply_token_merging", "layers", "list_models", "remove_token_merging"]

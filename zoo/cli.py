@@ -1,12 +1,24 @@
-"""The ``attnzoo`` console script."""
+"""The ``attnzoo`` console script.
+
+``fit``, ``validate``, ``test`` and ``predict`` are the LightningCLI of :mod:`attnzoo.recipes.cli`; ``demo`` trains
+a small model on embedded digits (:mod:`attnzoo.recipes.demo`); ``profile`` and ``models`` are plain argparse.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
+LIGHTNING_COMMANDS = {
+    "fit": "train a model (LightningCLI): attnzoo fit --config recipes/configs/imagenet/nat_tiny.yaml",
+    "validate": "evaluate on the validation split (LightningCLI)",
+    "test": "evaluate on the test split (LightningCLI)",
+    "predict": "predict class probabilities (LightningCLI)",
+}
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+
+def _cmd_profile(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(args.models, image=args.image, repeats=args.repeats)
@@ -25,16 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnzoo", description="attnzoo: efficient-attention vision transformers.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser(
+    for name, text in LIGHTNING_COMMANDS.items():  # dispatched before argparse; listed here for --help
+        commands.add_parser(name, help=f"{text}; see attnzoo {name} --help", add_help=False)
+    commands.add_parser(
         "demo",
+        help="train a small gated ViT on 4,000 real MNIST digits (CPU, a few minutes) and report held-out top-1",
+        add_help=False,
+    )
+    profile = commands.add_parser(
+        "profile",
         help="build every zoo model, run it on a real photo and print params / GFLOPs / CPU latency",
         description="Build every registered attnzoo model, run it on a real photo shipped with scikit-learn and "
         "print a table of parameters, GFLOPs (multiply-accumulates) and CPU latency.",
     )
-    demo.add_argument("--models", default="", metavar="PATTERN", help="timm wildcard filter, e.g. 'gated_vit_*'")
-    demo.add_argument("--image", default=None, help="an image file to use instead of scikit-learn's china.jpg")
-    demo.add_argument("--repeats", type=int, default=3, help="timed forward passes per model (median reported)")
-    demo.set_defaults(func=_cmd_demo)
+    profile.add_argument("--models", default="", metavar="PATTERN", help="timm wildcard filter, e.g. 'gated_vit_*'")
+    profile.add_argument("--image", default=None, help="an image file to use instead of scikit-learn's china.jpg")
+    profile.add_argument("--repeats", type=int, default=3, help="timed forward passes per model (median reported)")
+    profile.set_defaults(func=_cmd_profile)
 
     models = commands.add_parser(
         "models", help="list the registered attnzoo models", description="List attnzoo's models in timm's registry."
@@ -45,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from_command_line = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        from attnzoo.recipes.cli import run_cli
+
+        run_cli(None if from_command_line else argv)  # the DDP launcher re-runs sys.argv for the other ranks
+        return 0
+    if argv and argv[0] == "demo":
+        from attnzoo.recipes.demo import run_training_demo
+
+        run_training_demo(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -1,4 +1,4 @@
-"""``attnzoo demo``: build every zoo model, run it on a real photo and report params / GFLOPs / CPU latency.
+"""``attnzoo profile``: build every zoo model, run it on a real photo and report params / GFLOPs / CPU latency.
 
 The photo is scikit-learn's ``china.jpg`` (or ``flower.jpg``), read from the installed package files, so the demo
 needs no download. GFLOPs are multiply-accumulates counted by ``torch.utils.flop_counter`` (the fvcore convention

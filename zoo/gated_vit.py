@@ -16,10 +16,11 @@ from functools import partial
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm, Mlp
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from attnzoo.layers import Attention, TransformerBlock
+from attnzoo.weights import build_model_with_official_weights
 
 __all__ = ["gated_vit_block"]
 
@@ -85,7 +86,7 @@ def gated_vit_block(
 def _create_gated_vit(variant: str, pretrained: bool = False, gate: str = "elementwise", **kwargs) -> VisionTransformer:
     out_indices = kwargs.pop("out_indices", 3)
     kwargs.setdefault("dynamic_img_size", True)
-    return build_model_with_cfg(
+    return build_model_with_official_weights(
         VisionTransformer,
         variant,
         pretrained,

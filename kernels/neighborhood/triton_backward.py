@@ -1,0 +1,252 @@
+"""Fused 2-D neighborhood attention backward (Triton): dQ, dK, dV and d(RPB), deterministic dQ / dK / dV.
+
+With ``P = softmax(S)``, ``dP = dO V^T``, ``dS = P * (dP - delta)`` and ``delta = rowsum(dO * O)``:
+
+* the query kernel tiles queries like the forward, recomputes ``P`` from the saved log-sum-exp over the tile's key
+  span and accumulates ``dQ = scale * dS K``; with an RPB it also adds every ``dS`` entry to its table cell in a
+  buffer private to the program (atomic adds within the program only), summed over programs afterwards;
+* the key kernel tiles keys and walks their *inverse* neighborhood (the queries whose windows contain them,
+  :func:`.triton_windows.query_span`), accumulating ``dV = P^T dO`` and ``dK = scale * dS^T Q`` without atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_forward import LOG2E, block_d, dot_precision, launch_config, upcast_dot
+from .triton_windows import (
+    dot,
+    key_span,
+    map_tile_offsets,
+    query_span,
+    tile_origin,
+    window_contains,
+    window_start,
+)
+
+
+@triton.jit
+def _na2d_backward_query_kernel(
+    Q, K, V, RPB, DO, LSE, DELTA, DQ, DRPB,
+    sqb, sqh, sqw, sqn, sqd,
+    skb, skh, skw, skn, skd,
+    svb, svh, svw, svn, svd,
+    sdob, sdoh, sdow, sdon, sdod,
+    sdqb, sdqh, sdqw, sdqn, sdqd,
+    srn, srh, srw,
+    heads, H, W, padded_h, padded_w, dil_h, dil_w, tiles_per_group_h, tiles_per_group_w, tiles_w,
+    qk_scale, scale, D,
+    KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    BLOCK_Q: tl.constexpr = TILE_H * TILE_W
+    TABLE_W: tl.constexpr = 2 * KERNEL_W - 1
+    TABLE: tl.constexpr = (2 * KERNEL_H - 1) * TABLE_W
+    pid_tile = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    n = pid_bh % heads
+
+    group_h, first_h, len_h = tile_origin(pid_tile // tiles_w, tiles_per_group_h, dil_h, padded_h, TILE_H)
+    group_w, first_w, len_w = tile_origin(pid_tile % tiles_w, tiles_per_group_w, dil_w, padded_w, TILE_W)
+    span_start_h, span_h = key_span(first_h, len_h, TILE_H, KERNEL_H)
+    span_start_w, span_w = key_span(first_w, len_w, TILE_W, KERNEL_W)
+
+    offs_q = tl.arange(0, BLOCK_Q)
+    qpos_h = first_h + offs_q // TILE_W
+    qpos_w = first_w + offs_q % TILE_W
+    qrow = qpos_h * dil_h + group_h
+    qcol = qpos_w * dil_w + group_w
+    q_ok = (qrow < H) & (qcol < W)
+    qstart_h = window_start(qpos_h, len_h, KERNEL_H)
+    qstart_w = window_start(qpos_w, len_w, KERNEL_W)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q_mask = q_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + map_tile_offsets(b, n, qrow, qcol, offs_d, sqb, sqn, sqh, sqw, sqd), mask=q_mask, other=0.0)
+    do = tl.load(DO + map_tile_offsets(b, n, qrow, qcol, offs_d, sdob, sdon, sdoh, sdow, sdod), mask=q_mask, other=0.0)
+    stat_offs = pid_bh * H * W + qrow * W + qcol
+    lse = tl.load(LSE + stat_offs, mask=q_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + stat_offs, mask=q_ok, other=0.0)
+
+    dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    num_keys = span_h * span_w
+    for block_start in range(0, num_keys, BLOCK_K):
+        offs_k = block_start + tl.arange(0, BLOCK_K)
+        kpos_h = span_start_h + offs_k // span_w
+        kpos_w = span_start_w + offs_k % span_w
+        krow = kpos_h * dil_h + group_h
+        kcol = kpos_w * dil_w + group_w
+        k_ok = (offs_k < num_keys) & (krow < H) & (kcol < W)
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + map_tile_offsets(b, n, krow, kcol, offs_d, skb, skn, skh, skw, skd), mask=kv_mask, other=0.0)
+        v = tl.load(V + map_tile_offsets(b, n, krow, kcol, offs_d, svb, svn, svh, svw, svd), mask=kv_mask, other=0.0)
+        inside = (
+            window_contains(qstart_h[:, None], kpos_h[None, :], KERNEL_H)
+            & window_contains(qstart_w[:, None], kpos_w[None, :], KERNEL_W)
+            & k_ok[None, :]
+            & q_ok[:, None]
+        )
+        s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        if HAS_RPB:
+            rel_h = kpos_h[None, :] - qpos_h[:, None] + KERNEL_H - 1
+            rel_w = kpos_w[None, :] - qpos_w[:, None] + KERNEL_W - 1
+            bias = tl.load(RPB + n * srn + rel_h * srh + rel_w * srw, mask=inside, other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634
+        p = tl.where(inside, tl.exp2(s - lse[:, None]), 0.0)
+        dp = dot(do, tl.trans(v), PRECISION, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += dot(ds.to(k.dtype), k, PRECISION, UPCAST)
+        if RPB_GRAD:
+            cell = (pid_bh * tl.num_programs(0) + pid_tile) * TABLE + rel_h * TABLE_W + rel_w
+            tl.atomic_add(DRPB + cell, ds, mask=inside)
+
+    dq_ptrs = DQ + map_tile_offsets(b, n, qrow, qcol, offs_d, sdqb, sdqn, sdqh, sdqw, sdqd)
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _na2d_backward_key_kernel(
+    Q, K, V, RPB, DO, LSE, DELTA, DK, DV,
+    sqb, sqh, sqw, sqn, sqd,
+    skb, skh, skw, skn, skd,
+    svb, svh, svw, svn, svd,
+    sdob, sdoh, sdow, sdon, sdod,
+    sdkb, sdkh, sdkw, sdkn, sdkd,
+    sdvb, sdvh, sdvw, sdvn, sdvd,
+    srn, srh, srw,
+    heads, H, W, padded_h, padded_w, dil_h, dil_w, tiles_per_group_h, tiles_per_group_w, tiles_w,
+    qk_scale, scale, D,
+    KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    BLOCK_K: tl.constexpr = TILE_H * TILE_W
+    pid_tile = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    n = pid_bh % heads
+
+    group_h, first_h, len_h = tile_origin(pid_tile // tiles_w, tiles_per_group_h, dil_h, padded_h, TILE_H)
+    group_w, first_w, len_w = tile_origin(pid_tile % tiles_w, tiles_per_group_w, dil_w, padded_w, TILE_W)
+    span_start_h, span_h = query_span(first_h, len_h, TILE_H, KERNEL_H)
+    span_start_w, span_w = query_span(first_w, len_w, TILE_W, KERNEL_W)
+
+    offs_k = tl.arange(0, BLOCK_K)
+    kpos_h = first_h + offs_k // TILE_W
+    kpos_w = first_w + offs_k % TILE_W
+    krow = kpos_h * dil_h + group_h
+    kcol = kpos_w * dil_w + group_w
+    k_ok = (krow < H) & (kcol < W)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kv_mask = k_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + map_tile_offsets(b, n, krow, kcol, offs_d, skb, skn, skh, skw, skd), mask=kv_mask, other=0.0)
+    v = tl.load(V + map_tile_offsets(b, n, krow, kcol, offs_d, svb, svn, svh, svw, svd), mask=kv_mask, other=0.0)
+
+    dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+    num_queries = tl.maximum(span_h, 0) * tl.maximum(span_w, 0)
+    for block_start in range(0, num_queries, BLOCK_Q):
+        offs_q = block_start + tl.arange(0, BLOCK_Q)
+        qpos_h = span_start_h + offs_q // span_w
+        qpos_w = span_start_w + offs_q % span_w
+        qrow = qpos_h * dil_h + group_h
+        qcol = qpos_w * dil_w + group_w
+        q_ok = (offs_q < num_queries) & (qrow < H) & (qcol < W)
+        q_mask = q_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + map_tile_offsets(b, n, qrow, qcol, offs_d, sqb, sqn, sqh, sqw, sqd), mask=q_mask, other=0.0)
+        do = tl.load(
+            DO + map_tile_offsets(b, n, qrow, qcol, offs_d, sdob, sdon, sdoh, sdow, sdod), mask=q_mask, other=0.0
+        )
+        stat_offs = pid_bh * H * W + qrow * W + qcol
+        lse = tl.load(LSE + stat_offs, mask=q_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + stat_offs, mask=q_ok, other=0.0)
+        qstart_h = window_start(qpos_h, len_h, KERNEL_H)
+        qstart_w = window_start(qpos_w, len_w, KERNEL_W)
+        inside = (
+            window_contains(qstart_h[None, :], kpos_h[:, None], KERNEL_H)
+            & window_contains(qstart_w[None, :], kpos_w[:, None], KERNEL_W)
+            & k_ok[:, None]
+            & q_ok[None, :]
+        )  # (keys, queries)
+        st = dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale
+        if HAS_RPB:
+            rel_h = kpos_h[:, None] - qpos_h[None, :] + KERNEL_H - 1
+            rel_w = kpos_w[:, None] - qpos_w[None, :] + KERNEL_W - 1
+            bias = tl.load(RPB + n * srn + rel_h * srh + rel_w * srw, mask=inside, other=0.0)
+            st += bias.to(tl.float32) * 1.4426950408889634
+        pt = tl.where(inside, tl.exp2(st - lse[None, :]), 0.0)
+        dv += dot(pt.to(do.dtype), do, PRECISION, UPCAST)
+        dpt = dot(v, tl.trans(do), PRECISION, UPCAST)
+        dst = pt * (dpt - delta[None, :])
+        dk += dot(dst.to(q.dtype), q, PRECISION, UPCAST)
+
+    dk_ptrs = DK + map_tile_offsets(b, n, krow, kcol, offs_d, sdkb, sdkn, sdkh, sdkw, sdkd)
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    dv_ptrs = DV + map_tile_offsets(b, n, krow, kcol, offs_d, sdvb, sdvn, sdvh, sdvw, sdvd)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+def na2d_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rpb: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kernel_size: tuple[int, int],
+    dilation: tuple[int, int],
+    scale: float,
+    rpb_grad: bool = True,
+    tile: tuple[int, int] = (8, 8),
+    block: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients ``(dq, dk, dv, drpb)`` of :func:`.triton_forward.na2d_forward` (``drpb`` is None without an RPB
+    table or when ``rpb_grad`` is False); ``dq, dk, dv`` are contiguous ``(B, H, W, heads, D)``."""
+    B, H, W, heads, D = q.shape
+    delta = (grad_out.float() * out.float()).sum(-1).permute(0, 3, 1, 2).contiguous()  # (B, heads, H, W)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    (padded_h, tpg_h, tiles_h), (padded_w, tpg_w, tiles_w) = launch_config(H, W, kernel_size, dilation, tile)
+    grid = (tiles_h * tiles_w, B * heads)
+    has_rpb = rpb is not None
+    rpb_grad = has_rpb and rpb_grad
+    table = (2 * kernel_size[0] - 1) * (2 * kernel_size[1] - 1)
+    partial = torch.zeros((grid[1], grid[0], table) if rpb_grad else (1,), dtype=torch.float32, device=q.device)
+    rpb_arg = rpb if has_rpb else q
+    rpb_strides = rpb.stride() if has_rpb else (0, 0, 0)
+    common = dict(
+        KERNEL_H=kernel_size[0],
+        KERNEL_W=kernel_size[1],
+        TILE_H=tile[0],
+        TILE_W=tile[1],
+        BLOCK_D=block_d(D),
+        HAS_RPB=has_rpb,
+        PRECISION=dot_precision(q.dtype),
+        UPCAST=upcast_dot(q.dtype),
+    )
+    sizes = (heads, H, W, padded_h, padded_w, dilation[0], dilation[1], tpg_h, tpg_w, tiles_w, scale * LOG2E, scale, D)
+    _na2d_backward_query_kernel[grid](
+        q, k, v, rpb_arg, grad_out, lse, delta, dq, partial,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *rpb_strides,
+        *sizes, BLOCK_K=block, RPB_GRAD=rpb_grad, **common,
+    )  # fmt: skip
+    _na2d_backward_key_kernel[grid](
+        q, k, v, rpb_arg, grad_out, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *rpb_strides,
+        *sizes, BLOCK_Q=block, **common,
+    )  # fmt: skip
+    drpb = None
+    if rpb_grad:
+        drpb = partial.view(B, heads, grid[0], table).sum((0, 2)).view(rpb.shape).to(rpb.dtype)
+    return dq, dk, dv, drpb

@@ -1,0 +1,164 @@
+"""Fused 2-D neighborhood attention forward (Triton).
+
+One program computes a ``TILE_H x TILE_W`` tile of queries of one dilation group for one (batch, head): it walks the
+key span of the tile (the union of the tile's windows, :func:`.triton_windows.key_span`) in blocks of ``BLOCK_K`` keys,
+masks keys outside each query's window, adds the RPB and keeps an online softmax in fp32. It writes the output and
+the natural-log log-sum-exp of every query (``(B, heads, H, W)``, fp32), the only state the backward needs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..dispatch import triton_interpreter_enabled
+from .triton_windows import dot, key_span, map_tile_offsets, tile_origin, window_contains, window_start
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _na2d_forward_kernel(
+    Q, K, V, RPB, Out, LSE,
+    sqb, sqh, sqw, sqn, sqd,
+    skb, skh, skw, skn, skd,
+    svb, svh, svw, svn, svd,
+    sob, soh, sow, son, sod,
+    srn, srh, srw,
+    heads, H, W, padded_h, padded_w, dil_h, dil_w, tiles_per_group_h, tiles_per_group_w, tiles_w,
+    qk_scale, D,
+    KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    BLOCK_Q: tl.constexpr = TILE_H * TILE_W
+    pid_tile = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    n = pid_bh % heads
+
+    group_h, first_h, len_h = tile_origin(pid_tile // tiles_w, tiles_per_group_h, dil_h, padded_h, TILE_H)
+    group_w, first_w, len_w = tile_origin(pid_tile % tiles_w, tiles_per_group_w, dil_w, padded_w, TILE_W)
+    span_start_h, span_h = key_span(first_h, len_h, TILE_H, KERNEL_H)
+    span_start_w, span_w = key_span(first_w, len_w, TILE_W, KERNEL_W)
+
+    offs_q = tl.arange(0, BLOCK_Q)
+    qpos_h = first_h + offs_q // TILE_W  # group positions
+    qpos_w = first_w + offs_q % TILE_W
+    qrow = qpos_h * dil_h + group_h  # map positions
+    qcol = qpos_w * dil_w + group_w
+    q_ok = (qrow < H) & (qcol < W)
+    qstart_h = window_start(qpos_h, len_h, KERNEL_H)
+    qstart_w = window_start(qpos_w, len_w, KERNEL_W)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q_ptrs = Q + map_tile_offsets(b, n, qrow, qcol, offs_d, sqb, sqn, sqh, sqw, sqd)
+    q = tl.load(q_ptrs, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    num_keys = span_h * span_w
+    for block_start in range(0, num_keys, BLOCK_K):
+        offs_k = block_start + tl.arange(0, BLOCK_K)
+        kpos_h = span_start_h + offs_k // span_w
+        kpos_w = span_start_w + offs_k % span_w
+        krow = kpos_h * dil_h + group_h
+        kcol = kpos_w * dil_w + group_w
+        k_ok = (offs_k < num_keys) & (krow < H) & (kcol < W)
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + map_tile_offsets(b, n, krow, kcol, offs_d, skb, skn, skh, skw, skd), mask=kv_mask, other=0.0)
+        v = tl.load(V + map_tile_offsets(b, n, krow, kcol, offs_d, svb, svn, svh, svw, svd), mask=kv_mask, other=0.0)
+        inside = (
+            window_contains(qstart_h[:, None], kpos_h[None, :], KERNEL_H)
+            & window_contains(qstart_w[:, None], kpos_w[None, :], KERNEL_W)
+            & k_ok[None, :]
+        )
+        s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # log2 units
+        if HAS_RPB:
+            rel_h = kpos_h[None, :] - qpos_h[:, None] + KERNEL_H - 1
+            rel_w = kpos_w[None, :] - qpos_w[:, None] + KERNEL_W - 1
+            bias = tl.load(RPB + n * srn + rel_h * srh + rel_w * srw, mask=inside, other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634
+        s = tl.where(inside, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet (padding rows) stay at 0
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, UPCAST)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_ptrs = Out + map_tile_offsets(b, n, qrow, qcol, offs_d, sob, son, soh, sow, sod)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+    tl.store(LSE + pid_bh * H * W + qrow * W + qcol, lse, mask=q_ok)
+
+
+def launch_config(H: int, W: int, kernel_size: tuple[int, int], dilation: tuple[int, int], tile: tuple[int, int]):
+    """Per-axis ``(padded length, tiles per group, tiles)`` of the query tiling (see :mod:`.windows`)."""
+    config = []
+    for length, k, d, t in zip((H, W), kernel_size, dilation, tile):
+        per_group = -(-length // d)
+        tiles_per_group = -(-per_group // t)
+        config.append((max(length, k * d), tiles_per_group, d * tiles_per_group))
+    return config
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs use exact fp32 products unless torch allows TF32 matmuls; half types use their tensor cores."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """Whether ``tl.dot`` must multiply in fp32: bfloat16 under Triton's CPU interpreter, which computes it wrongly."""
+    return dtype == torch.bfloat16 and triton_interpreter_enabled()
+
+
+def block_d(head_dim: int) -> int:
+    """Head dim padded to a power of two, at least 16 (``tl.dot`` tiles)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def na2d_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rpb: torch.Tensor | None,
+    kernel_size: tuple[int, int],
+    dilation: tuple[int, int],
+    scale: float,
+    tile: tuple[int, int] = (8, 8),
+    block_k: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel on ``q, k, v: (B, H, W, heads, D)``; returns ``(out, lse)`` with ``out`` contiguous
+    ``(B, H, W, heads, D)`` and ``lse`` fp32 ``(B, heads, H, W)``."""
+    B, H, W, heads, D = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, heads, H, W), dtype=torch.float32, device=q.device)
+    (padded_h, tpg_h, tiles_h), (padded_w, tpg_w, tiles_w) = launch_config(H, W, kernel_size, dilation, tile)
+    rpb_arg = rpb if rpb is not None else q
+    rpb_strides = rpb.stride() if rpb is not None else (0, 0, 0)
+    grid = (tiles_h * tiles_w, B * heads)
+    _na2d_forward_kernel[grid](
+        q, k, v, rpb_arg, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), q.stride(3), q.stride(4),
+        k.stride(0), k.stride(1), k.stride(2), k.stride(3), k.stride(4),
+        v.stride(0), v.stride(1), v.stride(2), v.stride(3), v.stride(4),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3), out.stride(4),
+        *rpb_strides,
+        heads, H, W, padded_h, padded_w, dilation[0], dilation[1], tpg_h, tpg_w, tiles_w,
+        scale * LOG2E, D,
+        KERNEL_H=kernel_size[0], KERNEL_W=kernel_size[1],
+        TILE_H=tile[0], TILE_W=tile[1],
+        BLOCK_K=block_k, BLOCK_D=block_d(D),
+        HAS_RPB=rpb is not None, PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
+    )  # fmt: skip
+    return out, lse

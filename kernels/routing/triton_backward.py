@@ -1,0 +1,193 @@
+"""Fused, deterministic routed-attention backward (Triton): no atomics, every gradient element written once.
+
+* ``routed_attention_bwd_dq_kernel``: one program per (query block, query region, batch x head) walks the same
+  routed keys as the forward, recomputes the probabilities from the saved log-sum-exp and accumulates ``dQ``; it also
+  stores ``delta = rowsum(dO * O)`` for the second kernel.
+* ``routed_attention_bwd_dkv_kernel``: one program per (key block, key region, batch x head) walks the *inverted*
+  routing index — the (query region, slot) pairs that routed to this key region, built by
+  :func:`invert_routing_index` with a stable sort — and accumulates ``dK`` and ``dV`` for its keys. Query tokens of
+  several small regions share one block (query ``m`` of the list is token ``m % T`` of entry ``m // T``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_forward import mm, token_offsets
+
+
+def invert_routing_index(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Invert ``index`` ``(B, R, topk)`` (query region -> key regions).
+
+    Returns ``queries`` ``(B, R * topk)`` int32 — for each batch, the query region of every routing entry, grouped by
+    key region (stable: ascending query region within a group) — and ``offsets`` ``(B, R + 1)`` int32: the entries of
+    key region ``kr`` are ``queries[b, offsets[b, kr]:offsets[b, kr + 1]]``. A region selected twice by the same
+    query region appears twice, so duplicated indices stay correct.
+    """
+    B, R, topk = index.shape
+    flat = index.reshape(B, R * topk)
+    sorted_regions, order = torch.sort(flat, dim=1, stable=True)
+    queries = torch.div(order, topk, rounding_mode="floor").to(torch.int32)
+    bounds = torch.arange(R + 1, device=index.device, dtype=sorted_regions.dtype).expand(B, R + 1).contiguous()
+    offsets = torch.searchsorted(sorted_regions.contiguous(), bounds).to(torch.int32)
+    return queries.contiguous(), offsets.contiguous()
+
+
+@triton.jit
+def routed_attention_bwd_dq_kernel(
+    Q, K, V, Out, DOut, DQ, Lse, Delta, Index,
+    sq_b, sq_ry, sq_rx, sq_ty, sq_tx, sq_h, sq_d,
+    sk_b, sk_ry, sk_rx, sk_ty, sk_tx, sk_h, sk_d,
+    sv_b, sv_ry, sv_rx, sv_ty, sv_tx, sv_h, sv_d,
+    so_b, so_ry, so_rx, so_ty, so_tx, so_h, so_d,
+    sdo_b, sdo_ry, sdo_rx, sdo_ty, sdo_tx, sdo_h, sdo_d,
+    sdq_b, sdq_ry, sdq_rx, sdq_ty, sdq_tx, sdq_h, sdq_d,
+    si_b, si_r,
+    scale, qk_scale_log2,
+    HEADS, S, R, T, RW, TOPK, D_QK, D_V,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    r = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = (bh // HEADS).to(tl.int64)
+    h = bh % HEADS
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < T
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dqk_valid = offs_dqk < D_QK
+    dv_valid = offs_dv < D_V
+    qmask = m_valid[:, None] & dqk_valid[None, :]
+    omask = m_valid[:, None] & dv_valid[None, :]
+
+    q_rows = token_offsets(r, offs_m, S, RW, sq_ry, sq_rx, sq_ty, sq_tx)
+    q = tl.load(Q + b * sq_b + h * sq_h + q_rows[:, None] + offs_dqk[None, :] * sq_d, mask=qmask, other=0.0)
+    o_rows = token_offsets(r, offs_m, S, RW, so_ry, so_rx, so_ty, so_tx)
+    o = tl.load(Out + b * so_b + h * so_h + o_rows[:, None] + offs_dv[None, :] * so_d, mask=omask, other=0.0)
+    do_rows = token_offsets(r, offs_m, S, RW, sdo_ry, sdo_rx, sdo_ty, sdo_tx)
+    do = tl.load(DOut + b * sdo_b + h * sdo_h + do_rows[:, None] + offs_dv[None, :] * sdo_d, mask=omask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    stat = ((b * HEADS + h) * R + r) * T + offs_m  # (B, heads, R, T) contiguous
+    tl.store(Delta + stat, delta, mask=m_valid)
+    lse = tl.load(Lse + stat, mask=m_valid, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
+    n_keys = TOPK * T
+    index_row = Index + b * si_b + r * si_r
+    for start in range(0, n_keys, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < n_keys
+        region = tl.load(index_row + offs_n // T, mask=n_valid, other=0)
+        t = offs_n % T
+        k_rows = token_offsets(region, t, S, RW, sk_ry, sk_rx, sk_ty, sk_tx)
+        k = tl.load(
+            K + b * sk_b + h * sk_h + k_rows[:, None] + offs_dqk[None, :] * sk_d,
+            mask=n_valid[:, None] & dqk_valid[None, :],
+            other=0.0,
+        )
+        v_rows = token_offsets(region, t, S, RW, sv_ry, sv_rx, sv_ty, sv_tx)
+        v = tl.load(
+            V + b * sv_b + h * sv_h + v_rows[:, None] + offs_dv[None, :] * sv_d,
+            mask=n_valid[:, None] & dv_valid[None, :],
+            other=0.0,
+        )
+        s = mm(q, tl.trans(k), PRECISION, UPCAST_DOT) * qk_scale_log2
+        p = tl.where(n_valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = mm(do, tl.trans(v), PRECISION, UPCAST_DOT)
+        ds = p * (dp - delta[:, None])
+        dq += mm(ds.to(k.dtype), k, PRECISION, UPCAST_DOT)
+
+    dq_rows = token_offsets(r, offs_m, S, RW, sdq_ry, sdq_rx, sdq_ty, sdq_tx)
+    tl.store(
+        DQ + b * sdq_b + h * sdq_h + dq_rows[:, None] + offs_dqk[None, :] * sdq_d,
+        (dq * scale).to(DQ.dtype.element_ty),
+        mask=qmask,
+    )
+
+
+@triton.jit
+def routed_attention_bwd_dkv_kernel(
+    Q, K, V, DOut, DK, DV, Lse, Delta, Queries, Offsets,
+    sq_b, sq_ry, sq_rx, sq_ty, sq_tx, sq_h, sq_d,
+    sk_b, sk_ry, sk_rx, sk_ty, sk_tx, sk_h, sk_d,
+    sv_b, sv_ry, sv_rx, sv_ty, sv_tx, sv_h, sv_d,
+    sdo_b, sdo_ry, sdo_rx, sdo_ty, sdo_tx, sdo_h, sdo_d,
+    sdk_b, sdk_ry, sdk_rx, sdk_ty, sdk_tx, sdk_h, sdk_d,
+    sdv_b, sdv_ry, sdv_rx, sdv_ty, sdv_tx, sdv_h, sdv_d,
+    scale, qk_scale_log2,
+    HEADS, S, R, T, RW, TOPK, D_QK, D_V,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    kr = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = (bh // HEADS).to(tl.int64)
+    h = bh % HEADS
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < T
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dqk_valid = offs_dqk < D_QK
+    dv_valid = offs_dv < D_V
+    kmask = n_valid[:, None] & dqk_valid[None, :]
+    vmask = n_valid[:, None] & dv_valid[None, :]
+
+    k_rows = token_offsets(kr, offs_n, S, RW, sk_ry, sk_rx, sk_ty, sk_tx)
+    k = tl.load(K + b * sk_b + h * sk_h + k_rows[:, None] + offs_dqk[None, :] * sk_d, mask=kmask, other=0.0)
+    v_rows = token_offsets(kr, offs_n, S, RW, sv_ry, sv_rx, sv_ty, sv_tx)
+    v = tl.load(V + b * sv_b + h * sv_h + v_rows[:, None] + offs_dv[None, :] * sv_d, mask=vmask, other=0.0)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    first = tl.load(Offsets + b * (R + 1) + kr)
+    last = tl.load(Offsets + b * (R + 1) + kr + 1)
+    queries_row = Queries + b * (R * TOPK)
+    stats_row = (b * HEADS + h) * R * T
+    for start in range(first * T, last * T, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < last * T
+        qr = tl.load(queries_row + offs_m // T, mask=m_valid, other=0)
+        t = offs_m % T
+        q_rows = token_offsets(qr, t, S, RW, sq_ry, sq_rx, sq_ty, sq_tx)
+        q = tl.load(
+            Q + b * sq_b + h * sq_h + q_rows[:, None] + offs_dqk[None, :] * sq_d,
+            mask=m_valid[:, None] & dqk_valid[None, :],
+            other=0.0,
+        )
+        do_rows = token_offsets(qr, t, S, RW, sdo_ry, sdo_rx, sdo_ty, sdo_tx)
+        do = tl.load(
+            DOut + b * sdo_b + h * sdo_h + do_rows[:, None] + offs_dv[None, :] * sdo_d,
+            mask=m_valid[:, None] & dv_valid[None, :],
+            other=0.0,
+        )
+        stat = stats_row + qr * T + t
+        lse = tl.load(Lse + stat, mask=m_valid, other=0.0)
+        delta = tl.load(Delta + stat, mask=m_valid, other=0.0)
+        s_t = mm(k, tl.trans(q), PRECISION, UPCAST_DOT) * qk_scale_log2  # (BLOCK_N, BLOCK_M)
+        p_t = tl.where(m_valid[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
+        dv += mm(p_t.to(do.dtype), do, PRECISION, UPCAST_DOT)
+        dp_t = mm(v, tl.trans(do), PRECISION, UPCAST_DOT)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += mm(ds_t.to(q.dtype), q, PRECISION, UPCAST_DOT)
+
+    dk_rows = token_offsets(kr, offs_n, S, RW, sdk_ry, sdk_rx, sdk_ty, sdk_tx)
+    tl.store(
+        DK + b * sdk_b + h * sdk_h + dk_rows[:, None] + offs_dqk[None, :] * sdk_d,
+        (dk * scale).to(DK.dtype.element_ty),
+        mask=kmask,
+    )
+    dv_rows = token_offsets(kr, offs_n, S, RW, sdv_ry, sdv_rx, sdv_ty, sdv_tx)
+    tl.store(
+        DV + b * sdv_b + h * sdv_h + dv_rows[:, None] + offs_dv[None, :] * sdv_d,
+        dv.to(DV.dtype.element_ty),
+        mask=vmask,
+    )

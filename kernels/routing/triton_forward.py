@@ -1,0 +1,106 @@
+"""Fused routed-attention forward (Triton).
+
+One program per (query block of a region, query region, batch x head). The ``topk * T`` routed keys of the region
+are streamed in blocks of ``BLOCK_N`` straight from the un-gathered K/V (a key block may span several small
+regions: key ``n`` is token ``n % T`` of routed region ``index[b, r, n // T]``), with an online softmax in the
+base-2 domain and fp32 accumulation. Saves the per-query log-sum-exp (base 2, of the scaled logits) for the backward.
+Token addressing follows :mod:`attnzoo.kernels.routing.layout`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2_E = 1.4426950408889634
+
+
+@triton.jit
+def token_offsets(region, t, S, RW, s_ry, s_rx, s_ty, s_tx):
+    """Element offset of token ``t`` of region ``region`` (tensors of equal shape)."""
+    return (region // S) * s_ry + (region % S) * s_rx + (t // RW) * s_ty + (t % RW) * s_tx
+
+
+@triton.jit
+def mm(a, b, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """``tl.dot`` with fp32 accumulation; ``UPCAST_DOT`` multiplies in float32 (Triton's CPU interpreter computes
+    bfloat16 ``tl.dot`` wrongly)."""
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def routed_attention_fwd_kernel(
+    Q, K, V, Out, Lse, Index,
+    sq_b, sq_ry, sq_rx, sq_ty, sq_tx, sq_h, sq_d,
+    sk_b, sk_ry, sk_rx, sk_ty, sk_tx, sk_h, sk_d,
+    sv_b, sv_ry, sv_rx, sv_ty, sv_tx, sv_h, sv_d,
+    so_b, so_ry, so_rx, so_ty, so_tx, so_h, so_d,
+    si_b, si_r,
+    qk_scale_log2,
+    HEADS, S, R, T, RW, TOPK, D_QK, D_V,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    r = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = (bh // HEADS).to(tl.int64)
+    h = bh % HEADS
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < T
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dqk_valid = offs_dqk < D_QK
+    dv_valid = offs_dv < D_V
+
+    q_rows = token_offsets(r, offs_m, S, RW, sq_ry, sq_rx, sq_ty, sq_tx)
+    q = tl.load(
+        Q + b * sq_b + h * sq_h + q_rows[:, None] + offs_dqk[None, :] * sq_d,
+        mask=m_valid[:, None] & dqk_valid[None, :],
+        other=0.0,
+    )
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    n_keys = TOPK * T
+    index_row = Index + b * si_b + r * si_r
+    for start in range(0, n_keys, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < n_keys
+        region = tl.load(index_row + offs_n // T, mask=n_valid, other=0)
+        t = offs_n % T
+        k_rows = token_offsets(region, t, S, RW, sk_ry, sk_rx, sk_ty, sk_tx)
+        k = tl.load(
+            K + b * sk_b + h * sk_h + k_rows[:, None] + offs_dqk[None, :] * sk_d,
+            mask=n_valid[:, None] & dqk_valid[None, :],
+            other=0.0,
+        )
+        s = mm(q, tl.trans(k), PRECISION, UPCAST_DOT) * qk_scale_log2
+        s = tl.where(n_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_rows = token_offsets(region, t, S, RW, sv_ry, sv_rx, sv_ty, sv_tx)
+        v = tl.load(
+            V + b * sv_b + h * sv_h + v_rows[:, None] + offs_dv[None, :] * sv_d,
+            mask=n_valid[:, None] & dv_valid[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + mm(p.to(v.dtype), v, PRECISION, UPCAST_DOT)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    o_rows = token_offsets(r, offs_m, S, RW, so_ry, so_rx, so_ty, so_tx)
+    tl.store(
+        Out + b * so_b + h * so_h + o_rows[:, None] + offs_dv[None, :] * so_d,
+        acc.to(Out.dtype.element_ty),
+        mask=m_valid[:, None] & dv_valid[None, :],
+    )
+    # Lse: contiguous (B, heads, R, T)
+    tl.store(Lse + ((b * HEADS + h) * R + r) * T + offs_m, m_i + tl.log2(l_i), mask=m_valid)

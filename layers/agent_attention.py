@@ -1,0 +1,276 @@
+"""Agent attention (Han et al., ECCV 2024, "Agent Attention: On the Integration of Softmax and Linear Attention").
+
+A small set of ``n = s * s`` agent tokens ``A`` (the query map average-pooled to an ``s x s`` grid) first gathers
+information from all tokens and then broadcasts it back::
+
+    V_A = softmax(A K^T * scale + B1) V          (agent aggregation,  (heads, n, N) logits)
+    O   = softmax(Q A^T * scale + B2) V_A + DWC(V)   (agent broadcast,  (heads, N, n) logits)
+
+followed by the output projection. ``DWC`` is a depthwise 3x3 convolution of ``V`` laid out on the ``H x W`` grid.
+Both softmaxes run through ``F.scaled_dot_product_attention`` with the position bias as an additive float mask, which
+is exact, so fused kernels are used where the backend has them. Cost is linear in the number of tokens ``N``.
+
+Position biases (trunc-normal init, std 0.02), all kept as ``(heads, agent_num, ...)`` tables:
+``B1 = interp(an_bias (heads, n, 7, 7) -> H x W) + ah_bias (heads, n, Gh, 1) + aw_bias (heads, n, 1, Gw)``, and ``B2``
+likewise from ``na_bias``, ``ha_bias``, ``wa_bias`` (transposed to ``(heads, N, n)``). The row / column tables are laid
+out for a reference grid ``Gh x Gw`` (``grid_size``, the training resolution) and linearly interpolated to the actual
+``H x W`` at run time, so the mixer runs at any resolution. Prefix (class) tokens of a plain ViT are excluded from the
+pooling and the DWC and get their own terms ``ac_bias`` / ``ca_bias`` of shape ``(heads, n, num_prefix_tokens)``.
+
+:func:`convert_agent_biases` maps the official checkpoint layout (leading singleton axes; ``ha``/``wa``/``ca`` stored
+token-major) onto this one and resamples tables to another grid size or agent count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+
+from .gate import create_gate
+from .mixer import register_mixer
+
+__all__ = ["AGENT_BIAS_NAMES", "AgentAttention", "convert_agent_biases", "resize_agent_bias"]
+
+BLOCK_BIAS_SIZE = 7
+"""Side of the ``an_bias`` / ``na_bias`` tables (fixed in the paper)."""
+
+AGENT_BIAS_NAMES = ("an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias", "ac_bias", "ca_bias")
+
+
+def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
+    return pair
+
+
+def _resize(table: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear resize (``align_corners=False``) of the last two axes of a 4-D table; a no-op at the same size."""
+    if table.shape[-2] == height and table.shape[-1] == width:
+        return table
+    return F.interpolate(table, size=(height, width), mode="bilinear", align_corners=False)
+
+
+@register_mixer("agent")
+class AgentAttention(nn.Module):
+    """Agent attention on a channels-last map ``(B, H, W, C)`` or on tokens ``(B, P + H*W, C)``.
+
+    Args:
+        dim: input and output channels.
+        num_heads: number of heads; ``head_dim = dim // num_heads``.
+        agent_num: number of agent tokens, a perfect square ``s * s`` (the pooled ``s x s`` grid).
+        grid_size: reference feature-map size ``(Gh, Gw)`` of the row / column bias tables (the training
+            resolution: 14 for a ViT/16 at 224, 56 / 28 / 14 / 7 for the stages of a stride-4 pyramid); other map
+            sizes interpolate them.
+        num_prefix_tokens: leading (class) tokens of token inputs; they need the token layout and ``feat_size``.
+        qkv_bias: bias of the fused ``qkv`` projection (and of the gate).
+        proj_bias: bias of the output projection.
+        gate: output gate on the pre-projection output, ``"none"``, ``"headwise"`` or ``"elementwise"``.
+        attn_drop: dropout on both attention maps (training only).
+        proj_drop: dropout after the output projection.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        agent_num: int = 49,
+        grid_size: int | tuple[int, int] = 14,
+        num_prefix_tokens: int = 0,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        gate: str = "none",
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        pool = math.isqrt(agent_num) if isinstance(agent_num, int) and agent_num > 0 else 0
+        if pool * pool != agent_num or pool == 0:
+            raise ValueError(f"agent_num must be a positive perfect square (s * s agents), got {agent_num!r}")
+        if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+            raise ValueError(f"num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.agent_num = agent_num
+        self.pool_size = pool
+        self.grid_size = _pair(grid_size, "grid_size")
+        self.num_prefix_tokens = num_prefix_tokens
+        self.attn_drop = attn_drop
+
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
+        self.dwc = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd)
+        grid_h, grid_w = self.grid_size
+        n = agent_num
+        self.an_bias = nn.Parameter(torch.empty(num_heads, n, BLOCK_BIAS_SIZE, BLOCK_BIAS_SIZE, **dd))
+        self.na_bias = nn.Parameter(torch.empty(num_heads, n, BLOCK_BIAS_SIZE, BLOCK_BIAS_SIZE, **dd))
+        self.ah_bias = nn.Parameter(torch.empty(num_heads, n, grid_h, 1, **dd))
+        self.aw_bias = nn.Parameter(torch.empty(num_heads, n, 1, grid_w, **dd))
+        self.ha_bias = nn.Parameter(torch.empty(num_heads, n, grid_h, 1, **dd))
+        self.wa_bias = nn.Parameter(torch.empty(num_heads, n, 1, grid_w, **dd))
+        if num_prefix_tokens:
+            self.ac_bias = nn.Parameter(torch.empty(num_heads, n, num_prefix_tokens, **dd))
+            self.ca_bias = nn.Parameter(torch.empty(num_heads, n, num_prefix_tokens, **dd))
+        else:
+            self.register_parameter("ac_bias", None)
+            self.register_parameter("ca_bias", None)
+        self.gate = create_gate(gate, dim, num_heads, self.head_dim, bias=qkv_bias, **dd)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Bias tables: truncated normal, std 0.02 (as published)."""
+        for name in AGENT_BIAS_NAMES:
+            table = getattr(self, name)
+            if table is not None:
+                trunc_normal_(table, std=0.02)
+
+    def _position_bias(
+        self,
+        block: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        prefix: torch.Tensor | None,
+        height: int,
+        width: int,
+    ) -> torch.Tensor:
+        """Agent-major bias ``(heads, n, P + H*W)`` from a block table, row / column terms and prefix terms."""
+        spatial = _resize(block, height, width) + _resize(rows, height, 1) + _resize(cols, 1, width)
+        spatial = spatial.flatten(2)
+        if prefix is not None:
+            spatial = torch.cat([prefix, spatial], dim=-1)
+        return spatial
+
+    def _attend(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """``tokens``: ``(B, P + H*W, C)`` -> ``(B, P + H*W, C)``."""
+        B, N, C = tokens.shape
+        P = self.num_prefix_tokens
+        h, d = self.num_heads, self.head_dim
+        q, k, v = self.qkv(tokens).view(B, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, d)
+
+        # agents: the patch queries of every head average-pooled to an s x s grid -> (B, heads, n, d)
+        q_map = q[:, :, P:].reshape(B * h, height, width, d).permute(0, 3, 1, 2)
+        agents = F.adaptive_avg_pool2d(q_map, self.pool_size).reshape(B, h, d, self.agent_num).transpose(-1, -2)
+
+        dropout_p = self.attn_drop if self.training else 0.0
+        agent_bias = self._position_bias(self.an_bias, self.ah_bias, self.aw_bias, self.ac_bias, height, width)
+        agent_v = F.scaled_dot_product_attention(agents, k, v, attn_mask=agent_bias.to(q.dtype), dropout_p=dropout_p)
+        token_bias = self._position_bias(self.na_bias, self.ha_bias, self.wa_bias, self.ca_bias, height, width)
+        out = F.scaled_dot_product_attention(
+            q, agents, agent_v, attn_mask=token_bias.transpose(-1, -2).to(q.dtype), dropout_p=dropout_p
+        )
+        out = out.transpose(1, 2).reshape(B, N, C)
+
+        # depthwise 3x3 conv of the patch values on their grid (prefix tokens get none)
+        v_map = v[:, :, P:].transpose(1, 2).reshape(B, height, width, C).permute(0, 3, 1, 2)
+        local = self.dwc(v_map).permute(0, 2, 3, 1).reshape(B, height * width, C)
+        out = torch.cat([out[:, :P], out[:, P:] + local], dim=1) if P > 0 else out + local
+        if self.gate is not None:
+            out = self.gate(tokens, out)
+        return self.proj_drop(self.proj(out))
+
+    def forward(self, x: torch.Tensor, feat_size: list[int] | None = None) -> torch.Tensor:
+        """``x``: a map ``(B, H, W, C)``, or tokens ``(B, P + H*W, C)`` with ``P = num_prefix_tokens`` leading
+        (class) tokens and the patch grid ``feat_size = (H, W)`` (inferred when the grid is square). Returns the
+        input's shape."""
+        if x.ndim == 4:
+            if self.num_prefix_tokens > 0:
+                raise ValueError("an AgentAttention with prefix tokens takes tokens (B, P + H*W, C) and feat_size")
+            B, H, W, C = x.shape
+            return self._attend(x.reshape(B, H * W, C), H, W).view(B, H, W, C)
+        if x.ndim != 3:
+            raise ValueError(f"x must be (B, H, W, C) or (B, N, C), got shape {list(x.shape)}")
+        num_patches = x.shape[1] - self.num_prefix_tokens
+        if feat_size is None:
+            side = int(math.sqrt(num_patches) + 0.5)
+            if side * side != num_patches:
+                raise ValueError(f"feat_size is needed for {num_patches} patch tokens (not a square grid)")
+            H, W = side, side
+        else:
+            H, W = feat_size[0], feat_size[1]
+        if num_patches != H * W:
+            raise ValueError(
+                f"feat_size {H}x{W} does not match {num_patches} patch tokens "
+                f"({x.shape[1]} tokens, {self.num_prefix_tokens} prefix)"
+            )
+        return self._attend(x, H, W)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, agent_num={self.agent_num}, grid_size={self.grid_size}, "
+            f"num_prefix_tokens={self.num_prefix_tokens}"
+        )
+
+
+def _to_agent_layout(name: str, value: torch.Tensor) -> torch.Tensor:
+    """An official agent-bias tensor in :class:`AgentAttention`'s ``(heads, n, ...)`` layout.
+
+    Official shapes: ``an/na (h, n, 7, 7)`` (unchanged), ``ah (1, h, n, G, 1)``, ``aw (1, h, n, 1, G)``,
+    ``ha (1, h, G, 1, n)``, ``wa (1, h, 1, G, n)``, ``ac (1, h, n, 1)``, ``ca (1, h, 1, n)``. Tensors already in
+    this module's layout (one axis fewer) are returned unchanged.
+    """
+    if name in ("ah_bias", "aw_bias") and value.ndim == 5:
+        return value[0]
+    if name in ("ha_bias", "wa_bias") and value.ndim == 5:
+        return value[0].permute(0, 3, 1, 2)
+    if name == "ac_bias" and value.ndim == 4:
+        return value[0]
+    if name == "ca_bias" and value.ndim == 4:
+        return value[0].transpose(1, 2)
+    return value
+
+
+def resize_agent_bias(value: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Resample an agent-bias table ``(heads, n, *rest)`` to ``shape`` ``(heads, n', *rest')``.
+
+    The agent axis is resampled on its ``sqrt(n) x sqrt(n)`` grid and the last two (spatial) axes of 4-D tables on
+    theirs, both bilinearly with ``align_corners=False``; prefix-token axes (3-D tables) must match.
+    """
+    shape = tuple(shape)
+    if tuple(value.shape) == shape:
+        return value
+    if value.ndim != len(shape) or value.shape[0] != shape[0]:
+        raise ValueError(f"cannot resample an agent bias of shape {tuple(value.shape)} to {shape} (heads/rank differ)")
+    heads, n, n_new = value.shape[0], value.shape[1], shape[1]
+    s, s_new = math.isqrt(n), math.isqrt(n_new)
+    if s * s != n or s_new * s_new != n_new:
+        raise ValueError(f"agent counts must be perfect squares, got {n} -> {n_new}")
+    if value.ndim == 3 and value.shape[2] != shape[2]:
+        raise ValueError(f"prefix-token counts differ: {value.shape[2]} -> {shape[2]}")
+    dtype = value.dtype
+    value = value.float()
+    if value.ndim == 4:
+        value = _resize(value, shape[2], shape[3])
+    if n != n_new:
+        rest = value.shape[2:]
+        grid = value.reshape(heads, s, s, -1).permute(0, 3, 1, 2)  # (heads, rest, s, s)
+        grid = _resize(grid, s_new, s_new)
+        value = grid.permute(0, 2, 3, 1).reshape(heads, n_new, *rest)
+    return value.to(dtype)
+
+
+def convert_agent_biases(
+    state_dict: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Map every agent-bias entry of ``state_dict`` (official or this layout) onto the shape of the same key in
+    ``target`` (a model's ``state_dict()``, meta tensors are fine), resampling grid sizes and agent counts."""
+    out = {}
+    for key, value in state_dict.items():
+        name = key.rsplit(".", 1)[-1]
+        if name in AGENT_BIAS_NAMES:
+            value = _to_agent_layout(name, value)
+            if key in target:
+                value = resize_agent_bias(value, target[key].shape)
+        out[key] = value
+    return out

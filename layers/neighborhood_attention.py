@@ -1,0 +1,114 @@
+"""(Dilated) neighborhood attention (Hassani et al., NAT 2022 / DiNAT 2022), with an optional output gate.
+
+Registered as the ``"neighborhood"`` token mixer: channels-last ``(B, H, W, C) -> (B, H, W, C)`` for any ``H, W``.
+Every token attends to its ``k0 x k1`` neighborhood (windows shift at the borders, NATTEN semantics, see
+:func:`attnzoo.kernels.neighborhood.na2d`) with a relative position bias ``rpb (heads, 2k0-1, 2k1-1)``. Parameter
+names follow the official NAT / NATTEN module (``qkv``, ``rpb``, ``proj``), so official checkpoints map directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
+
+from attnzoo.kernels.neighborhood import na2d, na2d_reference
+
+from .gate import create_gate
+from .mixer import register_mixer
+
+
+def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v >= 1 for v in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
+    return pair
+
+
+@register_mixer("neighborhood")
+class NeighborhoodAttention2d(nn.Module):
+    """Multi-head 2-D neighborhood attention.
+
+    Args:
+        dim: input and output channels.
+        num_heads: number of heads; ``head_dim = dim // num_heads``.
+        kernel_size: neighborhood size (int or ``(k0, k1)``).
+        dilation: dilation (int or ``(d0, d1)``). An axis shorter than ``kernel * dilation`` uses the largest
+            dilation that fits, ``max(1, length // kernel)`` (as DiNAT at small resolutions); an axis shorter than the
+            kernel is padded and masked by :func:`~attnzoo.kernels.neighborhood.na2d`.
+        qkv_bias: bias of the fused ``qkv`` projection (and of the gate).
+        proj_bias: bias of the output projection.
+        rpb: learn a relative position bias table (NAT / DiNAT: yes).
+        gate: output gate, ``"none"``, ``"headwise"`` or ``"elementwise"`` (see :mod:`attnzoo.layers.gate`).
+        proj_drop: dropout after the output projection.
+        backend: kernel backend of :func:`~attnzoo.kernels.neighborhood.na2d` (``"auto"``, ``"triton"``,
+            ``"reference"``). TorchScript always runs the reference.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        kernel_size: int | tuple[int, int] = 7,
+        dilation: int | tuple[int, int] = 1,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        rpb: bool = True,
+        gate: str = "none",
+        proj_drop: float = 0.0,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.dilation = _pair(dilation, "dilation")
+        self.scale = self.head_dim**-0.5
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
+        k0, k1 = self.kernel_size
+        self.rpb = nn.Parameter(torch.empty(num_heads, 2 * k0 - 1, 2 * k1 - 1, **dd)) if rpb else None
+        self.gate = create_gate(gate, dim, num_heads, self.head_dim, bias=qkv_bias, **dd)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the RPB table (truncated normal, std 0.02)."""
+        if self.rpb is not None:
+            trunc_normal_(self.rpb, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"rpb"} if self.rpb is not None else set()
+
+    def effective_dilation(self, height: int, width: int) -> tuple[int, int]:
+        """Dilation used on an ``height x width`` map: clamped to ``max(1, side // kernel)`` per axis."""
+        d0 = max(1, min(self.dilation[0], height // self.kernel_size[0]))
+        d1 = max(1, min(self.dilation[1], width // self.kernel_size[1]))
+        return d0, d1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(B, H, W, C)`` for any ``H, W``. Returns ``(B, H, W, C)``."""
+        B, H, W, C = x.shape
+        q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
+        dilation = self.effective_dilation(H, W)
+        if torch.jit.is_scripting():
+            out = na2d_reference(q, k, v, self.kernel_size, dilation, self.rpb, self.scale, None)
+        else:
+            out = na2d(q, k, v, self.kernel_size, dilation, rpb=self.rpb, scale=self.scale, backend=self.backend)
+        out = out.reshape(B, H, W, C)
+        if self.gate is not None:
+            out = self.gate(x, out)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
+            f"dilation={self.dilation}, rpb={self.rpb is not None}"
+        )

@@ -1,0 +1,183 @@
+"""Callbacks of the classification recipe: progress bar with img/s and ETA, final summary, weight export."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_only
+
+from .export import export_for_timm
+
+__all__ = ["ExportWeights", "PredictionWriter", "ThroughputProgressBar", "TrainingSummary"]
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
+class ThroughputProgressBar(TQDMProgressBar):
+    """tqdm bar whose postfix adds the global training throughput (``img/s``, all devices, smoothed) and the ETA of
+    the whole run (``eta``), next to the logged metrics. Validation time is left out of the rate."""
+
+    def __init__(self, refresh_rate: int = 1, smoothing: float = 0.9) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+        self.smoothing = smoothing
+        self._last_time: float | None = None
+        self._step_seconds: float | None = None
+        self._images_per_batch = 0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self._last_time = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._last_time = None
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        now = time.perf_counter()
+        if self._last_time is not None:
+            seconds = now - self._last_time
+            s = self.smoothing
+            self._step_seconds = seconds if self._step_seconds is None else s * self._step_seconds + (1 - s) * seconds
+        self._last_time = now
+        self._images_per_batch = len(batch[0]) * trainer.world_size
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int | str | float]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        if self._step_seconds and trainer.training:
+            items["img/s"] = f"{self._images_per_batch / self._step_seconds:.0f}"
+            total = trainer.estimated_stepping_batches
+            if math.isfinite(total):
+                remaining = (total - trainer.global_step) * trainer.accumulate_grad_batches * self._step_seconds
+                items["eta"] = _format_seconds(remaining)
+        return items
+
+
+class TrainingSummary(Callback):
+    """Prints one summary at the end of ``fit`` (rank 0): steps, epochs, time, img/s and the last and best
+    validation top-1 of the raw and EMA weights; :attr:`summary` keeps the numbers."""
+
+    def __init__(self) -> None:
+        self.summary: dict[str, Any] = {}
+        self._start = 0.0
+        self._start_step = 0
+        self._best: dict[str, float] = {}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start, self._start_step, self._best = time.perf_counter(), trainer.global_step, {}
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        for key in ("val/top1", "val_ema/top1"):
+            if key in trainer.callback_metrics:
+                self._best[key] = max(self._best.get(key, 0.0), float(trainer.callback_metrics[key]))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        seconds = time.perf_counter() - self._start
+        steps = trainer.global_step - self._start_step
+        batch_size = getattr(trainer.datamodule, "batch_size", None)
+        images = steps * trainer.accumulate_grad_batches * trainer.world_size * (batch_size or 0)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val", "train/loss"))}
+        checkpoint = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
+        self.summary = {
+            "model": getattr(pl_module.hparams, "model_name", type(pl_module).__name__),
+            "epochs": trainer.current_epoch,
+            "steps": trainer.global_step,
+            "seconds": seconds,
+            "images_per_second": images / seconds if seconds > 0 and images else None,
+            "metrics": metrics,
+            "best": dict(self._best),
+            "last_checkpoint": checkpoint.last_model_path if checkpoint else None,
+            "log_dir": trainer.log_dir,
+        }
+        self._print()
+
+    @rank_zero_only
+    def _print(self) -> None:
+        s = self.summary
+        lines = [f"training summary: {s['model']}, {s['steps']} steps, {s['epochs']} epochs in {s['seconds']:.0f} s"]
+        if s["images_per_second"]:
+            lines[0] += f" ({s['images_per_second']:.0f} img/s)"
+        for key in ("val/top1", "val/top5", "val_ema/top1", "val_ema/top5", "val/loss"):
+            if key in s["metrics"]:
+                best = f" (best {s['best'][key]:.4f})" if key in s["best"] else ""
+                lines.append(f"  {key}: {s['metrics'][key]:.4f}{best}")
+        if s["last_checkpoint"]:
+            lines.append(f"  last checkpoint: {s['last_checkpoint']}")
+        if s["log_dir"]:
+            lines.append(f"  logs: {s['log_dir']}")
+        print("\n".join(lines), flush=True)
+
+
+class ExportWeights(Callback):
+    """At the end of ``fit``, writes the EMA weights (when the module keeps an EMA and ``weights`` is ``"auto"`` or
+    ``"ema"``) or the raw weights as a timm-loadable ``model.safetensors`` + ``config.json`` into ``dirpath``
+    (default ``<trainer.default_root_dir>/export``). :attr:`weights_path` holds the file written."""
+
+    def __init__(self, dirpath: str | None = None, weights: str = "auto") -> None:
+        if weights not in ("auto", "ema", "raw"):
+            raise ValueError(f"weights must be 'auto', 'ema' or 'raw', got {weights!r}")
+        self.dirpath, self.weights = dirpath, weights
+        self.weights_path: Path | None = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        ema = getattr(pl_module, "ema", None)
+        if self.weights == "ema" and ema is None:
+            raise ValueError("ExportWeights(weights='ema') needs model.ema_decay to be set")
+        model = ema.module if ema is not None and self.weights != "raw" else pl_module.model
+        data_config_fn = getattr(trainer.datamodule, "data_config", None)
+        directory = Path(self.dirpath or Path(trainer.default_root_dir) / "export")
+        if trainer.is_global_zero:
+            self.weights_path = export_for_timm(
+                model, directory, data_config=data_config_fn() if data_config_fn else None
+            )
+            print(f"exported {'EMA' if model is not pl_module.model else 'raw'} weights to {self.weights_path}")
+        else:
+            self.weights_path = directory / "model.safetensors"
+        trainer.strategy.barrier("export_weights")
+
+
+class PredictionWriter(BasePredictionWriter):
+    """``attnzoo predict`` output: one CSV row per real (non-padding) image with its dataset index, target (when
+    known) and top-k classes and probabilities, in ``<dirpath>/predictions_rank<r>.csv``."""
+
+    def __init__(self, dirpath: str | None = None, top_k: int = 5) -> None:
+        super().__init__(write_interval="batch")
+        self.dirpath, self.top_k = dirpath, top_k
+
+    def _path(self, trainer: pl.Trainer) -> Path:
+        return Path(self.dirpath or trainer.default_root_dir) / f"predictions_rank{trainer.global_rank}.csv"
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        path = self._path(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("index,target,classes,probabilities\n")
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        probs = prediction["probs"].float().cpu()
+        top = probs.topk(min(self.top_k, probs.shape[-1]), dim=-1)
+        real = prediction.get("is_real")
+        target = prediction.get("target")
+        rows = []
+        for i, index in enumerate(batch_indices or range(len(probs))):
+            if real is not None and not bool(real[i]):
+                continue
+            classes = " ".join(str(c) for c in top.indices[i].tolist())
+            values = " ".join(f"{v:.4f}" for v in top.values[i].tolist())
+            label = int(target[i]) if target is not None else ""
+            rows.append(f"{index},{label},{classes},{values}\n")
+        with self._path(trainer).open("a") as f:
+            f.writelines(rows)

@@ -1,0 +1,130 @@
+"""LightningCLI entry point: ``attnzoo fit|validate|test|predict --config recipes/configs/...yaml``.
+
+The parser has the sections ``model`` (:class:`~attnzoo.recipes.module.ImageClassifier`), ``data``
+(:class:`~attnzoo.recipes.data.ImageDataModule`), ``trainer`` (Lightning's Trainer), ``checkpoint``
+(``ModelCheckpoint``: ``save_last`` on, best ``val/top1`` kept), ``export`` (:class:`ExportWeights`) and
+``predictions`` (:class:`PredictionWriter`, the CSV of ``attnzoo predict``). Defaults
+added to every run: ``use_distributed_sampler: false`` (the data module builds rank-aware samplers), atomic
+checkpoint writes, the img/s + ETA progress bar, a learning-rate monitor and the final summary.
+
+Resume after a crash with ``--ckpt_path last`` (``checkpoint.dirpath`` must be fixed, as in the shipped configs).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from .callbacks import ExportWeights, PredictionWriter, ThroughputProgressBar, TrainingSummary
+from .data import ImageDataModule
+from .module import ImageClassifier
+
+__all__ = ["CONFIG_DIR", "ZooCLI", "resolve_config_path", "run_cli"]
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+class ZooCLI(LightningCLI):
+    """LightningCLI with the recipe's checkpoint and export sections."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.monitor": "val/top1",
+                "checkpoint.mode": "max",
+                "checkpoint.save_top_k": 1,
+                "checkpoint.filename": "epoch{epoch:03d}-step{step:07d}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(ExportWeights, "export")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+
+    def instantiate_trainer(self, **kwargs):
+        """Leave the default progress bar out when ``trainer.enable_progress_bar`` is false."""
+        if self._get(self.config_init, "trainer.enable_progress_bar") is False:
+            self.trainer_defaults["callbacks"] = [
+                cb for cb in self.trainer_defaults["callbacks"] if not isinstance(cb, ThroughputProgressBar)
+            ]
+        return super().instantiate_trainer(**kwargs)
+
+
+def _trainer_defaults() -> dict:
+    return {
+        "use_distributed_sampler": False,
+        "plugins": [{"class_path": "attnzoo.recipes.checkpoint_io.AtomicCheckpointIO"}],
+        "callbacks": [ThroughputProgressBar(), LearningRateMonitor(logging_interval="step"), TrainingSummary()],
+    }
+
+
+def resolve_config_path(value: str) -> str:
+    """``value`` if it exists, else the shipped config it names (``imagenet/nat_tiny.yaml`` or
+    ``recipes/configs/imagenet/nat_tiny.yaml`` also work from an installed package)."""
+    if Path(value).exists():
+        return value
+    relative = value.split("recipes/configs/", 1)[-1]
+    shipped = CONFIG_DIR / relative
+    return str(shipped) if shipped.is_file() else value
+
+
+def _check_yaml(path: str) -> str:
+    """Exit with a message naming ``path`` when the file is not valid YAML (jsonargparse does not name it)."""
+    if Path(path).is_file():
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as err:
+            raise SystemExit(f"attnzoo: error: config file {path} is not valid YAML:\n{err}") from err
+    return path
+
+
+def _resolve_config_args(args: list[str]) -> list[str]:
+    out = []
+    for i, arg in enumerate(args):
+        if i > 0 and args[i - 1] in ("--config", "-c"):
+            arg = _check_yaml(resolve_config_path(arg))
+        elif arg.startswith("--config="):
+            arg = "--config=" + _check_yaml(resolve_config_path(arg[len("--config=") :]))
+        out.append(arg)
+    return out
+
+
+def run_cli(args: Sequence[str] | None = None, run: bool = True, prog: str = "attnzoo", **parser_kwargs) -> ZooCLI:
+    """Parse ``args`` (``["fit", "--config", ...]``; without ``run`` no subcommand; ``None``: the command line) and
+    run it; returns the CLI (``cli.trainer``, ``cli.model``, ``cli.datamodule``).
+
+    With ``args=None`` the shipped-config names are resolved in ``sys.argv`` itself, because Lightning's DDP launcher
+    starts the other ranks by re-running ``sys.argv``.
+    """
+    if args is None:
+        sys.argv[1:] = _resolve_config_args(sys.argv[1:])
+    else:
+        args = _resolve_config_args(list(args))
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+    return ZooCLI(
+        ImageClassifier,
+        ImageDataModule,
+        args=args,
+        run=run,
+        seed_everything_default=0,
+        trainer_defaults=_trainer_defaults(),
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        parser_kwargs={"prog": prog, **parser_kwargs},
+    )
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    run_cli(args)
+
+
+if __name__ == "__main__":
+    main()

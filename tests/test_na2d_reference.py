@@ -1,0 +1,188 @@
+"""Neighborhood attention: the PyTorch reference and ``na2d`` against a brute-force loop over the definition,
+argument checking, and the ``NeighborhoodAttention2d`` mixer."""
+
+import pytest
+import torch
+
+from attnzoo.kernels import na2d
+from attnzoo.kernels.neighborhood import na2d_reference
+from attnzoo.layers import NeighborhoodAttention2d, create_mixer
+
+
+def _window(i: int, length: int, kernel: int, dilation: int) -> list[int]:
+    """Positions seen by query ``i`` along one axis, written from NATTEN's definition (on the padded axis)."""
+    padded = max(length, kernel * dilation)
+    group, pos = i % dilation, i // dilation
+    group_len = -(-(padded - group) // dilation)
+    start = min(max(pos - kernel // 2, 0), group_len - kernel)
+    return [(start + t) * dilation + group for t in range(kernel)]
+
+
+def brute_force_na2d(q, k, v, kernel_size, dilation, rpb=None, scale=None):
+    """One query at a time: softmax over its real neighbors of (q . k) * scale + rpb[h, d_row, d_col]."""
+    B, H, W, heads, D = q.shape
+    scale = D**-0.5 if scale is None else scale
+    out = torch.zeros_like(q)
+    for i in range(H):
+        for j in range(W):
+            keys = [
+                (r, c)
+                for r in _window(i, H, kernel_size[0], dilation[0])
+                for c in _window(j, W, kernel_size[1], dilation[1])
+                if r < H and c < W
+            ]
+            kk = torch.stack([k[:, r, c] for r, c in keys], dim=1)  # (B, n, heads, D)
+            vv = torch.stack([v[:, r, c] for r, c in keys], dim=1)
+            logits = torch.einsum("bhd,bnhd->bhn", q[:, i, j], kk) * scale
+            if rpb is not None:
+                cells = [
+                    ((r - i) // dilation[0] + kernel_size[0] - 1, (c - j) // dilation[1] + kernel_size[1] - 1)
+                    for r, c in keys
+                ]
+                logits = logits + torch.stack([rpb[:, a, b] for a, b in cells], dim=-1)
+            out[:, i, j] = torch.einsum("bhn,bnhd->bhd", logits.softmax(-1), vv)
+    return out
+
+
+def _inputs(shape, kernel_size, use_rpb, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(shape, generator=g, dtype=dtype).requires_grad_() for _ in range(3))
+    table = (shape[3], 2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1)
+    rpb = torch.randn(table, generator=g, dtype=dtype).requires_grad_() if use_rpb else None
+    return q, k, v, rpb
+
+
+CASES = [  # (H, W), kernel, dilation
+    ((9, 11), (3, 5), (1, 1)),  # non-square, per-axis kernel
+    ((9, 11), (3, 3), (2, 3)),  # dilation with unequal group lengths
+    ((13, 10), (4, 3), (2, 1)),  # even kernel
+    ((8, 8), (7, 7), (1, 1)),  # map barely larger than the kernel: every window shifted
+    ((5, 4), (7, 3), (1, 1)),  # rows shorter than the kernel: padded and masked
+    ((3, 2), (3, 3), (2, 2)),  # both axes shorter than kernel * dilation
+    ((1, 6), (1, 3), (1, 2)),  # kernel 1
+]
+
+
+@pytest.mark.parametrize("use_rpb", [False, True])
+@pytest.mark.parametrize(("size", "kernel_size", "dilation"), CASES)
+def test_reference_matches_definition(size, kernel_size, dilation, use_rpb):
+    q, k, v, rpb = _inputs((1, *size, 2, 5), kernel_size, use_rpb)
+    expected = brute_force_na2d(q, k, v, kernel_size, dilation, rpb, scale=0.3)
+    out = na2d(q, k, v, kernel_size, dilation, rpb=rpb, scale=0.3, backend="reference")
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+    with torch.no_grad():  # inference takes the fused SDPA path
+        inference = na2d(q, k, v, kernel_size, dilation, rpb=rpb, scale=0.3, backend="reference")
+    torch.testing.assert_close(inference, expected.detach(), atol=1e-10, rtol=1e-10)
+
+    grad = torch.randn_like(out)
+    inputs = [t for t in (q, k, v, rpb) if t is not None]
+    want = torch.autograd.grad(expected, inputs, grad)
+    got = torch.autograd.grad(out, inputs, grad)
+    for name, a, b in zip(("dq", "dk", "dv", "drpb"), got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("tile", [(1, 1), (2, 3), (5, 16)])
+def test_tiling_does_not_change_the_result(tile):
+    q, k, v, rpb = _inputs((1, 11, 9, 2, 4), (5, 3), True)
+    expected = na2d_reference(q, k, v, (5, 3), (2, 1), rpb, 0.5)
+    torch.testing.assert_close(na2d_reference(q, k, v, (5, 3), (2, 1), rpb, 0.5, tile), expected)
+
+
+def test_reference_gradcheck():
+    q, k, v, rpb = _inputs((1, 4, 5, 1, 2), (3, 3), True)
+    assert torch.autograd.gradcheck(
+        lambda *t: na2d(*t[:3], (3, 3), (1, 2), rpb=t[3], backend="reference"), (q, k, v, rpb)
+    )
+
+
+def test_padding_is_masked_not_attended():
+    """On maps smaller than the kernel every query attends to the whole real map (no padding keys)."""
+    q, k, v, _ = _inputs((1, 3, 4, 2, 8), (7, 7), False)
+    out = na2d(q, k, v, 7)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        *(t.flatten(1, 2).transpose(1, 2) for t in (q, k, v))
+    ).transpose(1, 2)
+    torch.testing.assert_close(out.flatten(1, 2), dense)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_close_to_fp32(dtype):
+    q, k, v, rpb = _inputs((1, 9, 8, 2, 16), (3, 3), True, dtype=torch.float32)
+    expected = na2d(q, k, v, 3, 2, rpb=rpb)
+    out = na2d(q.to(dtype), k.to(dtype), v.to(dtype), 3, 2, rpb=rpb)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_scriptable_reference_matches_eager():
+    q, k, v, rpb = _inputs((1, 6, 5, 2, 4), (3, 3), True, dtype=torch.float32)
+    scripted = torch.jit.script(na2d_reference)
+    torch.testing.assert_close(
+        scripted(q, k, v, (3, 3), (2, 1), rpb, 0.5, None), na2d_reference(q, k, v, (3, 3), (2, 1), rpb, 0.5)
+    )
+
+
+def test_meta_tensors_give_shapes():
+    q = torch.empty(2, 30, 20, 4, 16, device="meta")
+    rpb = torch.empty(4, 13, 13, device="meta")
+    assert na2d(q, q, q, 7, dilation=(4, 2), rpb=rpb).shape == q.shape
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(stride=2), ValueError, "stride"),
+        (dict(is_causal=True), ValueError, "is_causal"),
+        (dict(kernel_size=0), ValueError, "kernel_size"),
+        (dict(kernel_size=(3, 3, 3)), ValueError, "kernel_size"),
+        (dict(dilation=0), ValueError, "dilation"),
+        (dict(rpb=torch.zeros(2, 3, 5)), ValueError, "rpb must have shape"),
+        (dict(backend="cuda"), ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, error, match):
+    q = torch.randn(1, 6, 6, 2, 8)
+    kwargs = {"kernel_size": 3, **kwargs}
+    with pytest.raises(error, match=match):
+        na2d(q, q, q, **kwargs)
+
+
+def test_bad_tensors_raise():
+    q = torch.randn(1, 6, 6, 2, 8)
+    with pytest.raises(ValueError, match="same shape"):
+        na2d(q, q, q[:, :5], 3)
+    with pytest.raises(ValueError, match=r"\(B, H, W, heads, D\)"):
+        na2d(q[0], q[0], q[0], 3)
+    with pytest.raises(TypeError, match="floating"):
+        na2d(q.long(), q.long(), q.long(), 3)
+    with pytest.raises(TypeError, match="same dtype"):
+        na2d(q, q.double(), q, 3)
+
+
+def _explicit_layer(layer: NeighborhoodAttention2d, x: torch.Tensor) -> torch.Tensor:
+    """qkv projection, brute-force neighborhood attention with the layer's (clamped) dilation, projection."""
+    B, H, W, C = x.shape
+    qkv = (x @ layer.qkv.weight.T + layer.qkv.bias).view(B, H, W, 3, layer.num_heads, layer.head_dim)
+    out = brute_force_na2d(*qkv.unbind(3), layer.kernel_size, layer.effective_dilation(H, W), layer.rpb)
+    return out.reshape(B, H, W, C) @ layer.proj.weight.T + layer.proj.bias
+
+
+@pytest.mark.parametrize(("size", "dilation"), [((7, 9), 2), ((4, 12), 3), ((2, 3), 1)])
+def test_layer_matches_explicit_formula(size, dilation):
+    torch.manual_seed(0)
+    layer = NeighborhoodAttention2d(16, num_heads=2, kernel_size=3, dilation=dilation).double()
+    x = torch.randn(2, *size, 16, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), _explicit_layer(layer, x))
+
+
+def test_layer_clamps_dilation_like_dinat():
+    layer = create_mixer("neighborhood", 32, num_heads=1, kernel_size=7, dilation=8)
+    assert layer.effective_dilation(56, 56) == (8, 8)
+    assert layer.effective_dilation(16, 24) == (2, 3)
+    assert layer.effective_dilation(5, 7) == (1, 1)
+    assert layer.no_weight_decay() == {"rpb"} and layer.rpb.shape == (1, 13, 13)
+    assert NeighborhoodAttention2d(32, num_heads=1, rpb=False).no_weight_decay() == set()
+    with pytest.raises(ValueError, match="num_heads"):
+        NeighborhoodAttention2d(30, num_heads=4)
