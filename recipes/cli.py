@@ -122,8 +122,20 @@ def run_cli(args: Sequence[str] | None = None, run: bool = True, prog: str = "at
     )
 
 
+def _destroy_process_group() -> None:
+    """Shut the default process group down while the interpreter is alive: left to interpreter finalization, Gloo's
+    worker threads can abort the process (``terminate called without an active exception``) after a finished run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(args: Sequence[str] | None = None) -> None:
-    run_cli(args)
+    try:
+        run_cli(args)
+    finally:
+        _destroy_process_group()
 
 
 if __name__ == "__main__":

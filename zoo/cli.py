@@ -67,9 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        from attnzoo.recipes.cli import run_cli
+        from attnzoo.recipes.cli import main as run_lightning_command
 
-        run_cli(None if from_command_line else argv)  # the DDP launcher re-runs sys.argv for the other ranks
+        run_lightning_command(None if from_command_line else argv)  # the DDP launcher re-runs sys.argv for the ranks
         return 0
     if argv and argv[0] == "demo":
         from attnzoo.recipes.demo import run_training_demo
