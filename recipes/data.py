@@ -5,27 +5,131 @@ overridden) with the DeiT-style training pipeline: RandomResizedCrop, flip, Rand
 random erasing 0.25. Samplers are built from the trainer's rank and world size (the CLI sets
 ``use_distributed_sampler=False``): repeated augmentation for training, padded shards plus a real/padding flag for
 evaluation so that DDP metrics count every image exactly once.
+
+Multi-aspect training (``aspect_ratio_bins``): every training image goes to the nearest target width/height ratio,
+is cropped and resized to that bin's size (about the area of ``input_size``), and the batches are drawn by
+:class:`~attnzoo.recipes.samplers.AspectRatioBatchSampler`, so that each batch has one shape. Evaluation is unchanged.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import lightning.pytorch as pl
 import timm.data
 import torch
-from torch.utils.data import DataLoader, Dataset
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from .datasets import build_dataset, dataset_class_to_idx, dataset_num_classes
-from .samplers import PaddedEvalDataset, RepeatedAugSampler, ShardedEvalSampler
+from .samplers import (
+    AspectRatioBatchSampler,
+    PaddedEvalDataset,
+    RepeatedAugSampler,
+    ShardedEvalSampler,
+    check_aspect_ratios,
+    nearest_aspect_bin,
+)
 
-__all__ = ["ImageDataModule"]
+__all__ = ["AspectBinDataset", "ImageDataModule", "aspect_bin_size", "image_sizes"]
 
 # Lightning warns about any mid-epoch resume with a DataLoader that is not `_Stateful`; the train sampler here
-# resumes from the restored global step instead (see `ImageDataModule._resume_position`).
+# resumes from the restored global step instead (see `ImageDataModule._batches_done`).
 _RESUME_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
+_SIZE_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _item_size(dataset: Dataset, index: int) -> tuple[int, int]:
+    image = dataset[index][0]
+    if not isinstance(image, Image.Image):
+        raise TypeError(
+            f"aspect_ratio_bins needs untransformed PIL images from the dataset, got {type(image).__name__}"
+        )
+    return image.size
+
+
+def _header_size(reader, index: int) -> tuple[int, int]:
+    """``(width, height)`` of item ``index`` of a timm reader, from the image header (no pixel decoding)."""
+    item = reader[index][0]
+    if isinstance(item, Image.Image):
+        return item.size
+    with item, Image.open(item) as image:
+        return image.size
+
+
+def _base_sizes(dataset: Dataset, indices: list[int], num_threads: int) -> list[tuple[int, int]]:
+    reader = getattr(dataset, "reader", None)
+    if reader is not None:  # timm ImageDataset (folder or tar): header reads, I/O bound, hence threads
+        with ThreadPoolExecutor(max(1, num_threads)) as pool:
+            return list(pool.map(lambda i: _header_size(reader, i), indices))
+    for name in ("images", "data"):  # one stacked array (embedded digits, torchvision CIFAR/MNIST): one size
+        array = getattr(dataset, name, None)
+        if getattr(array, "ndim", 0) >= 3 and len(array) == len(dataset):
+            return [_item_size(dataset, indices[0])] * len(indices) if indices else []
+    return [_item_size(dataset, i) for i in indices]  # anything else: decode every item (slow)
+
+
+def image_sizes(dataset: Dataset, num_threads: int = 8) -> torch.Tensor:
+    """``(width, height)`` of every image of an untransformed map-style dataset, ``(N, 2)`` int64, cached per
+    dataset object.
+
+    timm folder/tar datasets: one header read per image (``PIL.Image.open(...).size`` reads no pixels; on
+    ImageNet-1k's 1.28 M training files this takes minutes on a local disk, on ``num_threads`` threads); datasets
+    holding one stacked array (``images`` / ``data``): the first image's size for all; any other dataset decodes
+    every item (its ``transform`` must be ``None``). ``Subset`` wrappers only read their own indices.
+    """
+    if isinstance(dataset, IterableDataset):
+        raise TypeError("aspect_ratio_bins needs a map-style training dataset, not an iterable one")
+    if dataset not in _SIZE_CACHE:
+        base, indices = dataset, list(range(len(dataset)))
+        while isinstance(base, Subset):
+            base, indices = base.dataset, [int(base.indices[i]) for i in indices]
+        _SIZE_CACHE[dataset] = torch.tensor(_base_sizes(base, indices, num_threads), dtype=torch.int64).view(-1, 2)
+    return _SIZE_CACHE[dataset]
+
+
+def aspect_bin_size(input_size: Sequence[int], ratio: float, multiple: int = 32) -> tuple[int, int]:
+    """``(height, width)`` of width/height ``ratio`` with about the area of ``input_size`` ``(..., H, W)``, both
+    sides rounded to a multiple of ``multiple`` (at least one multiple)."""
+    area = input_size[-2] * input_size[-1]
+
+    def rounded(side: float) -> int:
+        return max(multiple, round(side / multiple) * multiple)
+
+    return rounded(math.sqrt(area / ratio)), rounded(math.sqrt(area * ratio))
+
+
+class _LazyIterLoader(DataLoader):
+    """A ``DataLoader`` whose iterator, and so its workers' index prefetch, starts at the first ``next``: Lightning
+    creates the training iterator before it restores a checkpoint and calls ``set_epoch``, and prefetching workers
+    would then draw the resumed epoch's indices from epoch 0 and batch 0."""
+
+    def __iter__(self) -> Iterator:
+        yield from super().__iter__()
+
+
+class AspectBinDataset(Dataset):
+    """An untransformed dataset (items ``(PIL image, target)``) whose item ``i`` gets the transform of its aspect
+    bin: ``(transforms[bin_ids[i]](image), target)``; ``aspect_ratios`` ``(N,)`` holds every image's width/height."""
+
+    def __init__(self, dataset: Dataset, bins: Sequence[float], transforms: Sequence[Callable], num_threads: int = 8):
+        if len(transforms) != len(bins):
+            raise ValueError(f"need one transform per bin: {len(bins)} bins, {len(transforms)} transforms")
+        sizes = image_sizes(dataset, num_threads).double()
+        self.dataset, self.transforms = dataset, list(transforms)
+        self.aspect_ratios = sizes[:, 0] / sizes[:, 1]
+        self.bin_ids = nearest_aspect_bin(self.aspect_ratios, bins).tolist()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, target = self.dataset[index]
+        return self.transforms[self.bin_ids[index]](image), target
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -43,6 +147,14 @@ class ImageDataModule(pl.LightningDataModule):
         input_size, crop_pct, interpolation, mean, std: override the model's data config.
         auto_augment, re_prob, scale, ratio, hflip, color_jitter: timm ``create_transform`` training options.
         num_repeats: repeated augmentation (DeiT uses 3; 1 disables it).
+        aspect_ratio_bins: target width/height ratios for multi-aspect training (e.g. ``[0.75, 1.0, 1.333]``), for
+            models that accept any input size; ``None`` (default) trains at ``input_size``. Each training image goes
+            to the nearest ratio (image sizes read once from the headers on ``num_workers`` threads, on every rank,
+            see :func:`image_sizes`) and is cropped to that bin's size (:func:`aspect_bin_size`; the crop ratio
+            range ``ratio`` scaled by the bin's ratio; ``augment=False``: the evaluation transform at that size);
+            every batch comes from one bin (:class:`~attnzoo.recipes.samplers.AspectRatioBatchSampler`, every image
+            at least once per epoch). ``num_repeats`` must then be 1.
+        aspect_ratio_multiple: both sides of a bin's size are multiples of this (the model's total stride).
         num_train_samples, num_eval_samples: keep only the first images of each split (quick runs).
         download: let torchvision datasets download (needs network).
         seed: seed of the shuffle (epoch ``e`` uses ``seed + e``).
@@ -73,6 +185,8 @@ class ImageDataModule(pl.LightningDataModule):
         hflip: float = 0.5,
         color_jitter: float = 0.4,
         num_repeats: int = 1,
+        aspect_ratio_bins: Sequence[float] | None = None,
+        aspect_ratio_multiple: int = 32,
         num_train_samples: int | None = None,
         num_eval_samples: int | None = None,
         download: bool = False,
@@ -85,12 +199,18 @@ class ImageDataModule(pl.LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if num_repeats < 1:
             raise ValueError(f"num_repeats must be >= 1, got {num_repeats}")
+        if aspect_ratio_bins is not None:
+            check_aspect_ratios(aspect_ratio_bins, "aspect_ratio_bins", distinct=True)
+            if num_repeats != 1:
+                raise ValueError(f"aspect_ratio_bins needs num_repeats=1, got num_repeats={num_repeats}")
+        if aspect_ratio_multiple < 1:
+            raise ValueError(f"aspect_ratio_multiple must be >= 1, got {aspect_ratio_multiple}")
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.datasets: dict[str, Dataset] = {}
         self.num_classes: int | None = None
-        self._train_sampler: RepeatedAugSampler | None = None
+        self._train_sampler: RepeatedAugSampler | AspectRatioBatchSampler | None = None
 
     # ------------------------------------------------------------------ transforms
     def data_config(self) -> dict:
@@ -112,7 +232,9 @@ class ImageDataModule(pl.LightningDataModule):
             return timm.data.resolve_data_config(overrides, model=model)
         return timm.data.resolve_data_config(overrides)
 
-    def train_transform(self, config: dict):
+    def train_transform(self, config: dict, aspect_ratio: float = 1.0):
+        """timm's training transform at ``config["input_size"]``; the random crop's width/height range is ``ratio``
+        times ``aspect_ratio`` (the output's own ratio in multi-aspect training)."""
         hp = self.hparams
         if not hp.augment:
             return timm.data.create_transform(**config, is_training=False)
@@ -120,7 +242,7 @@ class ImageDataModule(pl.LightningDataModule):
             input_size=config["input_size"],
             is_training=True,
             scale=tuple(hp.scale),
-            ratio=tuple(hp.ratio),
+            ratio=(hp.ratio[0] * aspect_ratio, hp.ratio[1] * aspect_ratio),
             hflip=hp.hflip,
             color_jitter=hp.color_jitter,
             auto_augment=hp.auto_augment,
@@ -152,9 +274,11 @@ class ImageDataModule(pl.LightningDataModule):
         eval_transform = timm.data.create_transform(**config, is_training=False)
         class_map = None
         if stage == "fit":
-            self.datasets["train"] = self._build(hp.train_split, self.train_transform(config), training=True)
-            class_map = dataset_class_to_idx(self.datasets["train"])
-            self.num_classes = dataset_num_classes(self.datasets["train"])
+            transform = None if hp.aspect_ratio_bins else self.train_transform(config)
+            train = self._build(hp.train_split, transform, training=True)
+            class_map = dataset_class_to_idx(train)
+            self.num_classes = dataset_num_classes(train)
+            self.datasets["train"] = self._aspect_bins(train, config) if hp.aspect_ratio_bins else train
         eval_splits = {
             "fit": {"val": hp.val_split},
             "validate": {"val": hp.val_split},
@@ -164,6 +288,14 @@ class ImageDataModule(pl.LightningDataModule):
         for key, split in eval_splits.items():
             self.datasets[key] = self._build(split, eval_transform, class_map=class_map)
             self.num_classes = self.num_classes or dataset_num_classes(self.datasets[key])
+
+    def _aspect_bins(self, train: Dataset, config: dict) -> AspectBinDataset:
+        hp = self.hparams
+        transforms = []
+        for ratio in hp.aspect_ratio_bins:
+            size = aspect_bin_size(config["input_size"], ratio, hp.aspect_ratio_multiple)
+            transforms.append(self.train_transform({**config, "input_size": (config["input_size"][0], *size)}, ratio))
+        return AspectBinDataset(train, hp.aspect_ratio_bins, transforms, num_threads=hp.num_workers)
 
     # ------------------------------------------------------------------ loaders
     def _rank_world(self) -> tuple[int, int]:
@@ -185,7 +317,9 @@ class ImageDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is None or trainer.global_step == 0 or self._train_sampler is None:
             return 0
-        batches_per_epoch = len(self._train_sampler) // self.batch_size
+        batches_per_epoch = len(self._train_sampler)
+        if isinstance(self._train_sampler, RepeatedAugSampler):
+            batches_per_epoch //= self.batch_size
         limit = trainer.limit_train_batches
         if isinstance(limit, int):
             batches_per_epoch = min(batches_per_epoch, limit)
@@ -201,6 +335,21 @@ class ImageDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self.datasets["train"]
         rank, world = self._rank_world()
+        warnings.filterwarnings("ignore", message=_RESUME_WARNING)
+        generator = torch.Generator().manual_seed(self.hparams.seed + 1000 * rank)
+        if isinstance(dataset, AspectBinDataset):
+            self._train_sampler = AspectRatioBatchSampler(
+                dataset.aspect_ratios,
+                self.hparams.aspect_ratio_bins,
+                self.batch_size,
+                rank,
+                world,
+                seed=self.hparams.seed,
+                resume_fn=self._batches_done,
+            )
+            return _LazyIterLoader(
+                dataset, batch_sampler=self._train_sampler, generator=generator, **self._loader_kwargs()
+            )
         self._train_sampler = RepeatedAugSampler(
             len(dataset),
             rank,
@@ -216,9 +365,7 @@ class ImageDataModule(pl.LightningDataModule):
                 f"the training split has {len(dataset)} images: fewer than one batch of {self.batch_size} per "
                 f"device on {world} device(s)"
             )
-        warnings.filterwarnings("ignore", message=_RESUME_WARNING)
-        generator = torch.Generator().manual_seed(self.hparams.seed + 1000 * rank)
-        return DataLoader(
+        return _LazyIterLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=self._train_sampler,

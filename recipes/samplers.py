@@ -4,6 +4,8 @@
 - :class:`RepeatedAugSampler`: DeiT's repeated augmentation (every image appears ``num_repeats`` times per epoch, its
   copies on different ranks); ``num_repeats=1`` is a plain shuffled distributed sampler. It resumes mid-epoch: its
   ``resume_fn`` says how many batches of the epoch were already trained (from the restored step counter).
+- :class:`AspectRatioBatchSampler`: batches whose images all fall in one aspect-ratio bin (multi-aspect training of
+  any-size models), dealt to the ranks from one global per-epoch batch list; resumable like the sampler above.
 - :class:`ShardedEvalSampler`: strided shards of an evaluation set padded to a multiple of the world size, so every
   rank runs the same number of batches; :class:`PaddedEvalDataset` marks the padded copies so that metrics skip them.
 """
@@ -11,12 +13,19 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["PaddedEvalDataset", "RepeatedAugSampler", "ShardedEvalSampler"]
+__all__ = [
+    "AspectRatioBatchSampler",
+    "PaddedEvalDataset",
+    "RepeatedAugSampler",
+    "ShardedEvalSampler",
+    "check_aspect_ratios",
+    "nearest_aspect_bin",
+]
 
 
 def _check_rank(rank: int, world_size: int) -> None:
@@ -77,6 +86,117 @@ class RepeatedAugSampler(Sampler[int]):
         indices = repeated[self.rank : total : self.world_size][: self.num_samples]
         start = self.resume_fn(self.epoch) * self.batch_size if self.resume_fn is not None else 0
         return iter(indices[start:].tolist())
+
+
+def check_aspect_ratios(values: Sequence[float] | torch.Tensor, name: str, distinct: bool = False) -> torch.Tensor:
+    """``values`` as a float64 tensor ``(N,)``; ValueError naming ``name`` unless it is a non-empty 1-D sequence of
+    finite positive ratios (and, with ``distinct``, without repeats)."""
+    ratios = torch.as_tensor(values, dtype=torch.float64)
+    if ratios.ndim != 1 or len(ratios) == 0:
+        raise ValueError(
+            f"{name} must be a non-empty 1-D sequence of width/height ratios, got shape {tuple(ratios.shape)}"
+        )
+    if not bool(torch.isfinite(ratios).all() and (ratios > 0).all()):
+        raise ValueError(f"{name} must hold finite positive width/height ratios, got {ratios.tolist()[:8]}")
+    if distinct and len(set(ratios.tolist())) != len(ratios):
+        raise ValueError(f"{name} must be distinct, got {ratios.tolist()}")
+    return ratios
+
+
+def nearest_aspect_bin(aspect_ratios: Sequence[float] | torch.Tensor, bins: Sequence[float]) -> torch.Tensor:
+    """Bin index ``(N,)`` int64 of every ratio in ``aspect_ratios`` ``(N,)``: the nearest of the target ratios
+    ``bins`` ``(K,)`` in log ratio (so 3/4 and 4/3 are equally far from 1; ties go to the earlier bin)."""
+    ratios = check_aspect_ratios(aspect_ratios, "aspect_ratios")
+    targets = check_aspect_ratios(bins, "bins", distinct=True)
+    return (ratios.log()[:, None] - targets.log()[None, :]).abs().argmin(dim=1)
+
+
+class AspectRatioBatchSampler(Sampler[list[int]]):
+    """Batches of ``batch_size`` dataset indices whose samples all lie in one aspect-ratio bin, for one rank.
+
+    Every sample goes to the nearest target ratio of ``bins`` (:func:`nearest_aspect_bin`; ``aspect_ratios[i]`` is
+    the width / height of sample ``i``). An epoch's batch list is built once for all ranks from ``seed + epoch``
+    (:meth:`set_epoch`): each bin is shuffled and cut into batches, the batches of all bins are shuffled together,
+    and batch ``k`` goes to rank ``k % world_size``, so every rank runs the same number of batches and no sample is
+    on two ranks unless it was padded. ``shuffle=False`` keeps the dataset order inside each bin and the bins in
+    order.
+
+    - ``drop_last=False``: a bin's last partial batch is completed by wrapping around to the start of that bin's
+      order, and when the number of batches is not a multiple of ``world_size`` the first batches of the list are
+      dealt again: every sample is seen at least once per epoch, fewer than ``batch_size`` per bin plus
+      ``world_size - 1`` batches twice.
+    - ``drop_last=True``: partial batches and the last ``num_batches % world_size`` batches of the shuffled list
+      are dropped: every sample at most once per epoch.
+
+    ``resume_fn(epoch)``, when given, returns the number of batches of ``epoch`` this rank already trained; the
+    iteration then starts after them (asked at every ``iter``, i.e. after Lightning restored a checkpoint). Use it
+    as ``DataLoader(dataset, batch_sampler=...)``; ``len()`` is the number of batches per rank.
+    """
+
+    def __init__(
+        self,
+        aspect_ratios: Sequence[float] | torch.Tensor,
+        bins: Sequence[float],
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        resume_fn: Callable[[int], int] | None = None,
+    ) -> None:
+        _check_rank(rank, world_size)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.bin_ids = nearest_aspect_bin(aspect_ratios, bins)
+        self.members = [(self.bin_ids == b).nonzero().flatten() for b in range(len(bins))]
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.shuffle, self.seed, self.drop_last, self.resume_fn = shuffle, seed, drop_last, resume_fn
+        rounding = math.floor if drop_last else math.ceil
+        self.num_batches = sum(rounding(len(m) / batch_size) for m in self.members)  # over all ranks, unpadded
+        self.batches_per_rank = rounding(self.num_batches / world_size)
+        if self.batches_per_rank == 0:
+            raise ValueError(
+                f"drop_last=True leaves no batch: {self.num_batches} full batches of {batch_size} for {world_size} "
+                f"rank(s) (bin sizes {[len(m) for m in self.members]})"
+            )
+        self.epoch = 0
+
+    @property
+    def sampler(self) -> AspectRatioBatchSampler:
+        """Itself: Lightning calls ``set_epoch`` on ``dataloader.batch_sampler.sampler``."""
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning before every epoch; the batches of epoch ``e`` depend only on ``seed + e``."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_rank
+
+    def _bin_batches(self, members: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The batches ``(n, batch_size)`` of one bin (padded by wrap-around, or its partial batch dropped)."""
+        if generator is not None:
+            members = members[torch.randperm(len(members), generator=generator)]
+        rounding = math.floor if self.drop_last else math.ceil
+        size = rounding(len(members) / self.batch_size) * self.batch_size
+        return members[torch.arange(size) % max(len(members), 1)].view(-1, self.batch_size)
+
+    def global_batches(self) -> torch.Tensor:
+        """All ranks' batches of the current epoch ``(batches_per_rank * world_size, batch_size)``; row ``k`` goes
+        to rank ``k % world_size``."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch) if self.shuffle else None
+        batches = torch.cat([self._bin_batches(m, generator) for m in self.members])
+        if generator is not None:
+            batches = batches[torch.randperm(len(batches), generator=generator)]
+        total = self.batches_per_rank * self.world_size
+        return batches[torch.arange(total) % len(batches)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # a generator, so the batches are built at the first ``next``: on resume Lightning creates the iterator
+        # before it calls ``set_epoch``
+        start = self.resume_fn(self.epoch) if self.resume_fn is not None else 0
+        yield from self.global_batches()[self.rank :: self.world_size][start:].tolist()
 
 
 class PaddedEvalDataset(Dataset):

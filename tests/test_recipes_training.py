@@ -130,14 +130,17 @@ def _final_state(module: ImageClassifier) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def test_crash_and_resume_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 1])  # with workers, Lightning builds the loader iterator before restoring
+def test_crash_and_resume_equals_an_uninterrupted_run(tmp_path, num_workers):
     kwargs = dict(
         mixup=0.8, cutmix=1.0, label_smoothing=0.1, ema_decay=0.9, ema_warmup=True,
         model_kwargs={**TINY, "drop_path_rate": 0.2},
     )  # fmt: skip
     # 96 images / 16 = 6 steps per epoch, 2 epochs; the crash comes in the middle of epoch 1
     reference = make_model(**kwargs)
-    make_trainer(tmp_path / "a", enable_checkpointing=False).fit(reference, datamodule=make_data())
+    make_trainer(tmp_path / "a", enable_checkpointing=False).fit(
+        reference, datamodule=make_data(num_workers=num_workers)
+    )
 
     def checkpoints(folder):
         return ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=1, save_top_k=0)
@@ -145,7 +148,7 @@ def test_crash_and_resume_equals_an_uninterrupted_run(tmp_path):
     crashed = make_model(**kwargs)
     with pytest.raises(RuntimeError, match="simulated crash"):
         make_trainer(tmp_path / "b", callbacks=[checkpoints(tmp_path / "ckpt"), CrashAt(8)]).fit(
-            crashed, datamodule=make_data()
+            crashed, datamodule=make_data(num_workers=num_workers)
         )
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 8
@@ -153,7 +156,7 @@ def test_crash_and_resume_equals_an_uninterrupted_run(tmp_path):
 
     resumed = make_model(**{**kwargs, "seed": 0})
     trainer = make_trainer(tmp_path / "c", callbacks=[checkpoints(tmp_path / "ckpt")])
-    trainer.fit(resumed, datamodule=make_data(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    trainer.fit(resumed, datamodule=make_data(num_workers=num_workers), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert trainer.global_step == 12
     expected, got = _final_state(reference), _final_state(resumed)
     assert expected.keys() == got.keys()
