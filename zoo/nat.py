@@ -9,6 +9,10 @@ head. DiNAT is the same network with dilated neighborhoods in every other block 
 ``[1, 8, 1]``, ``[1, 4, 1, 4]``, ``[1, 2] * 9``, ``[1] * 5``). Built from attnzoo's shared
 ``HierarchicalVisionTransformer``, ``TransformerBlock``, ``ConvStem`` and ``ConvDownsample``.
 
+DiNAT-Large (ImageNet-22k pre-trained) has one architecture per official checkpoint, chosen by the pretrained tag:
+``dinat_large.in22k_ft_in1k_384`` uses the 384 px dilations ``[1, 13, 1]``, ``[1, 6, 1, 6]``, ``[1, 3] * 9`` and the
+``*_k11`` tags kernel 11 (see ``_DINAT_LARGE_TAGS``); explicit keyword arguments override the tag's.
+
 Any input size works: a dilation is clamped per axis to ``max(1, side // kernel)`` when a map is smaller than
 ``kernel * dilation`` (as DiNAT), and maps smaller than the kernel are padded and masked by ``na2d``.
 :func:`checkpoint_filter_fn` loads the official checkpoints (``patch_embed``, ``levels.i.blocks.j``, ``gamma1/2``,
@@ -26,7 +30,7 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm, LayerNorm2d
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
 
 from attnzoo.layers import (
     ConvDownsample,
@@ -250,6 +254,8 @@ def _cfg(url: str = "", dilated: bool = False, **kwargs) -> dict:
 
 _NAT_URL = "https://shi-labs.com/projects/nat/checkpoints/CLS/{}.pth"
 _DINAT_URL = "https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/{}_in1k_224.pth"
+_DINAT_LARGE_URL = "https://shi-labs.com/projects/dinat/checkpoints/{}/dinat_large_{}.pth"
+_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)  # NAT:classification/configs/*_384.yml
 
 # Official ImageNet-1k checkpoints (bare state dicts with the official key names). The same weights are on the
 # Hugging Face Hub as transformers models (shi-labs/nat-mini-in1k-224, shi-labs/dinat-mini-in1k-224, ...), which
@@ -264,30 +270,58 @@ default_cfgs = generate_default_cfgs(
         "dinat_tiny.in1k": _cfg(url=_DINAT_URL.format("dinat_tiny"), dilated=True),
         "dinat_small.in1k": _cfg(url=_DINAT_URL.format("dinat_small"), dilated=True),
         "dinat_base.in1k": _cfg(url=_DINAT_URL.format("dinat_base"), dilated=True),
+        # DiNAT-L, pre-trained on ImageNet-22k (21841 classes) at 224 px, fine-tuned on ImageNet-1k at 224 / 384 px
+        # (Hub: shi-labs/dinat-large-in22k-in1k-224, -in22k-in1k-384, dinat-large-11x11-in22k-in1k-384)
+        "dinat_large.in22k_ft_in1k": _cfg(url=_DINAT_LARGE_URL.format("imagenet1k", "in22k_in1k_224"), dilated=True),
+        "dinat_large.in22k_ft_in1k_384": _cfg(
+            url=_DINAT_LARGE_URL.format("imagenet1k", "in22k_in1k_384"), dilated=True, **_384
+        ),
+        "dinat_large.in22k_ft_in1k_384_k11": _cfg(
+            url=_DINAT_LARGE_URL.format("imagenet1k", "in22k_in1k_384_11x11"), dilated=True, **_384
+        ),
+        "dinat_large.in22k": _cfg(
+            url=_DINAT_LARGE_URL.format("imagenet22k", "in22k_224"), dilated=True, num_classes=21841
+        ),
+        # the in22k weights with the RPB tables interpolated (bicubic) to 11x11: the start of the 384 px k11 fine-tune
+        "dinat_large.in22k_k11": _cfg(
+            url=_DINAT_LARGE_URL.format("imagenet22k", "in22k_224_11x11interp"), dilated=True, num_classes=21841
+        ),
     }
 )
 
 # DiNAT dilations at 224 px (maps 56, 28, 14, 7): the deepest dilation of a stage fills its map (8 * 7 = 56, ...)
 _DINAT_DILATIONS = ([1, 8, 1], [1, 4, 1, 4], [1, 2] * 9, [1] * 5)
+# ... and at 384 px (maps 96, 48, 24, 12): side // 7 = 13, 6, 3 (official dinat_large_384)
+_DINAT_DILATIONS_384 = ([1, 13, 1], [1, 6, 1, 6], [1, 3] * 9, [1] * 5)
 _MINI_DEPTHS = (3, 4, 6, 5)
 _DEPTHS = (3, 4, 18, 5)
 
 
-def _dinat_dilations(depths: Sequence[int]) -> list[list[int]]:
-    return [list(dilations[:depth]) for dilations, depth in zip(_DINAT_DILATIONS, depths)]
+def _dinat_dilations(depths: Sequence[int], table: Sequence[Sequence[int]] = _DINAT_DILATIONS) -> list[list[int]]:
+    return [list(dilations[:depth]) for dilations, depth in zip(table, depths)]
 
 
 _MINI = dict(depths=_MINI_DEPTHS, num_heads=(2, 4, 8, 16), embed_dim=64, mlp_ratio=3.0, drop_path_rate=0.2)
 _TINY = dict(depths=_DEPTHS, num_heads=(2, 4, 8, 16), embed_dim=64, mlp_ratio=3.0, drop_path_rate=0.2)
 _SMALL = dict(depths=_DEPTHS, num_heads=(3, 6, 12, 24), embed_dim=96, mlp_ratio=2.0, drop_path_rate=0.3)
 _BASE = dict(depths=_DEPTHS, num_heads=(4, 8, 16, 32), embed_dim=128, mlp_ratio=2.0, drop_path_rate=0.5)
+_LARGE = dict(depths=_DEPTHS, num_heads=(6, 12, 24, 48), embed_dim=192, mlp_ratio=2.0, drop_path_rate=0.35)
+
+# The architecture of each DiNAT-L checkpoint (official dinat_large, _384, _384_11x11, _21k, _21k_11x11)
+_DINAT_LARGE_TAGS = {
+    "in22k_ft_in1k": {},
+    "in22k_ft_in1k_384": dict(dilations=_dinat_dilations(_DEPTHS, _DINAT_DILATIONS_384)),
+    "in22k_ft_in1k_384_k11": dict(kernel_size=11),
+    "in22k": dict(drop_path_rate=0.2),
+    "in22k_k11": dict(kernel_size=11, drop_path_rate=0.2),
+}
 
 
 def _build(variant: str, pretrained: bool, config: dict, kwargs: dict, dilated: bool = False, **extra) -> NAT:
-    model_args = dict(config, **extra)
+    model_args = dict(config)
     if dilated:
         model_args["dilations"] = _dinat_dilations(config["depths"])
-    return _create_nat(variant, pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_nat(variant, pretrained=pretrained, **{**model_args, **extra, **kwargs})
 
 
 @register_model
@@ -336,3 +370,11 @@ def dinat_small(pretrained: bool = False, **kwargs) -> NAT:
 def dinat_base(pretrained: bool = False, **kwargs) -> NAT:
     """DiNAT-Base: NAT-Base with dilations, layer scale 1e-5 (89.77M params)."""
     return _build("dinat_base", pretrained, _BASE, kwargs, dilated=True, layer_scale=1e-5)
+
+
+@register_model
+def dinat_large(pretrained: bool = False, **kwargs) -> NAT:
+    """DiNAT-Large: depths 3-4-18-5, dim 192, heads 6-12-24-48, MLP ratio 2, no layer scale (200M params); kernel
+    and dilations follow the pretrained tag (``.in22k_ft_in1k_384``: 384 px dilations, ``*_k11``: kernel 11)."""
+    tag = resolve_pretrained_cfg("dinat_large", pretrained_cfg=kwargs.get("pretrained_cfg")).tag
+    return _build("dinat_large", pretrained, _LARGE, kwargs, dilated=True, **_DINAT_LARGE_TAGS.get(tag, {}))
