@@ -7,7 +7,9 @@ attention, the rest plain attention. Published configs: T/S 49 agents in all 12 
 
 The agent mixer needs the patch grid of the token sequence, so :class:`AgentVisionTransformer` passes ``(H, W)`` to
 every block (``forward_features`` / ``forward_intermediates``); any input size works, the biases are interpolated.
-Training drop-path rates of the official recipe: T 0.0, S 0.1, B 0.3 (default here 0, as in timm).
+``agent_deit_small_448`` is the official Agent-DeiT-S trained at 448 (same blocks; position embedding and agent
+biases laid out for the 28x28 grid). Training drop-path rates of the official recipe: T 0.0, S 0.1 (also at 448),
+B 0.3 (default here 0, as in timm).
 """
 
 from __future__ import annotations
@@ -234,6 +236,9 @@ default_cfgs = generate_default_cfgs(
         "agent_deit_tiny.in1k": _cfg(url="https://cloud.tsinghua.edu.cn/f/57e0904221824ee7b7af/?dl=1"),
         "agent_deit_small.in1k": _cfg(url="https://cloud.tsinghua.edu.cn/f/fdd43304372541db8ea7/?dl=1"),
         "agent_deit_base.in1k": _cfg(url="https://cloud.tsinghua.edu.cn/f/5115f15fdd7e4ab58fbc/?dl=1"),
+        "agent_deit_small_448.in1k": _cfg(
+            url="https://cloud.tsinghua.edu.cn/f/a228f86241c445f1969b/?dl=1", input_size=(3, 448, 448)
+        ),
     }
 )
 
@@ -258,3 +263,11 @@ def agent_deit_base(pretrained: bool = False, **kwargs: Any) -> AgentVisionTrans
     87.2M params, 82.0 top-1."""
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, agent_num=81, agent_layers=4)
     return _create_agent_deit("agent_deit_base", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_deit_small_448(pretrained: bool = False, **kwargs: Any) -> AgentVisionTransformer:
+    """Agent-DeiT-S trained at 448 (the Agent-DeiT-S blocks on a 28x28 patch grid): 23.1M params, 17.7G FLOPs,
+    83.1 top-1."""
+    model_args = dict(img_size=448, patch_size=16, embed_dim=384, depth=12, num_heads=6, agent_num=49)
+    return _create_agent_deit("agent_deit_small_448", pretrained=pretrained, **dict(model_args, **kwargs))

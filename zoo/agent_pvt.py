@@ -6,7 +6,9 @@ embedding, then runs pre-norm blocks (LayerNorm eps 1e-6, MLP ratios 8, 8, 4, 4)
 the whole stage map without spatial reduction (agents 9, 16, 49, 49 per stage); there is no final norm, the head
 averages the last map. Built from the shared :class:`HierarchicalVisionTransformer`, ``build_stages`` and
 ``TransformerBlock``; position embeddings and agent biases are interpolated to the actual map size, so any input size
-works. Training drop-path rates of the official recipe: T/S 0.1, M/L 0.3 (default here 0, as in timm).
+works. ``agent_pvt_medium_256`` is the official Agent-PVT-M trained at 256 (same blocks; position embeddings and
+agent biases laid out for the 64 / 32 / 16 / 8 grids). Training drop-path rates of the official recipe: T/S 0.1, M/L
+0.3 (M also at 256; default here 0, as in timm).
 """
 
 from __future__ import annotations
@@ -216,6 +218,9 @@ default_cfgs = generate_default_cfgs(
         "agent_pvt_small.in1k": agent_cfg(url="https://cloud.tsinghua.edu.cn/f/36b8be9a8863456685a3/?dl=1"),
         "agent_pvt_medium.in1k": agent_cfg(url="https://cloud.tsinghua.edu.cn/f/4d00ecacf18b45f9b88c/?dl=1"),
         "agent_pvt_large.in1k": agent_cfg(url="https://cloud.tsinghua.edu.cn/f/040cfe0cfbbe4762ad09/?dl=1"),
+        "agent_pvt_medium_256.in1k": agent_cfg(
+            url="https://cloud.tsinghua.edu.cn/f/654df734121643b19c52/?dl=1", input_size=(3, 256, 256), pool_size=(8, 8)
+        ),
     }
 )
 
@@ -242,3 +247,10 @@ def agent_pvt_medium(pretrained: bool = False, **kwargs: Any) -> AgentPyramidVis
 def agent_pvt_large(pretrained: bool = False, **kwargs: Any) -> AgentPyramidVisionTransformer:
     """Agent-PVT-L (depths 3-8-27-3): 48.7M params, 83.7 top-1."""
     return _create_agent_pvt("agent_pvt_large", pretrained=pretrained, **dict(dict(depths=(3, 8, 27, 3)), **kwargs))
+
+
+@register_model
+def agent_pvt_medium_256(pretrained: bool = False, **kwargs: Any) -> AgentPyramidVisionTransformer:
+    """Agent-PVT-M trained at 256 (depths 3-4-18-3): 36.1M params, 9.2G FLOPs, 83.8 top-1."""
+    model_args = dict(depths=(3, 4, 18, 3), img_size=256)
+    return _create_agent_pvt("agent_pvt_medium_256", pretrained=pretrained, **dict(model_args, **kwargs))

@@ -8,6 +8,10 @@ the suffix of the string. Published: T ``AAAB``, S ``AABB``, B ``AAMB2``; agents
 Built from the shared :class:`HierarchicalVisionTransformer`, ``build_stages`` and ``TransformerBlock``; the agent
 biases are interpolated to the actual map size, so any input size works. Training drop-path rates of the official
 recipe: T 0.2, S 0.3, B 0.5 (default here 0, as in timm).
+
+Higher-resolution releases: ``agent_swin_small_288`` and ``agent_swin_base_384`` (B fine-tuned from the 224 model for
+30 epochs). Their official ``WINDOW_SIZE`` (72, 96 = the stage-1 map) gives window ``WINDOW_SIZE // 8`` = 9 and 12 to
+the window blocks (so another relative-position table), a window covering a whole map is unshifted, as here.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.layers import LayerNorm, PatchEmbed
+from timm.layers import LayerNorm, PatchEmbed, resize_rel_pos_bias_table_levit
 from timm.models import generate_default_cfgs, register_model
 
 from attnzoo._agent_cfg import agent_cfg
@@ -155,7 +159,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dic
     ``patch_embed`` -> ``stem``; ``layers.i.blocks`` -> ``stages.i.blocks``; ``layers.i.downsample`` (after stage
     ``i``) -> ``stages.{i+1}.downsample``; ``head`` -> ``head.fc``; the ``attn_mask`` / ``relative_position_index``
     buffers are dropped (recomputed). Agent biases are resampled to the model's grid (another resolution) and agent
-    count.
+    count, relative-position tables bicubically to the model's window (e.g. a 224 checkpoint, window 7, into
+    ``agent_swin_base_384``, window 12, as the official fine-tuning does).
     """
     state = unwrap_state_dict(state_dict)
     out: dict[str, torch.Tensor] = {}
@@ -173,7 +178,11 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dic
         elif key.startswith("head.") and not key.startswith("head.fc."):
             key = "head.fc." + key[len("head.") :]
         out[key] = value
-    return convert_agent_biases(out, model.state_dict())
+    target = model.state_dict()
+    for key in [k for k in out if k.endswith("relative_position_bias_table") and k in target]:
+        if out[key].shape != target[key].shape and out[key].shape[1] == target[key].shape[1]:  # same heads
+            out[key] = resize_rel_pos_bias_table_levit(out[key], target[key].shape, antialias=False)
+    return convert_agent_biases(out, target)
 
 
 def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> AgentSwinTransformer:
@@ -193,6 +202,18 @@ default_cfgs = generate_default_cfgs(
         "agent_swin_tiny.in1k": agent_cfg(url="https://cloud.tsinghua.edu.cn/f/a2ddc1190c224f768a41/?dl=1"),
         "agent_swin_small.in1k": agent_cfg(url="https://cloud.tsinghua.edu.cn/f/f607172c9fea4d6e99bb/?dl=1"),
         "agent_swin_base.in1k": agent_cfg(url="https://cloud.tsinghua.edu.cn/f/4fcd2d0114bb490483c3/?dl=1"),
+        "agent_swin_small_288.in1k": agent_cfg(
+            url="https://cloud.tsinghua.edu.cn/f/09760394e93b4046a25e/?dl=1",
+            input_size=(3, 288, 288),
+            pool_size=(9, 9),
+            crop_pct=1.0,
+        ),
+        "agent_swin_base_384.in1k": agent_cfg(
+            url="https://cloud.tsinghua.edu.cn/f/bb84ee9058954706a557/?dl=1",
+            input_size=(3, 384, 384),
+            pool_size=(12, 12),
+            crop_pct=1.0,
+        ),
     }
 )
 
@@ -216,3 +237,21 @@ def agent_swin_base(pretrained: bool = False, **kwargs: Any) -> AgentSwinTransfo
     """Agent-Swin-B (128 wide, depths 2-2-18-2, stages AAMB2: two agent blocks in stage 3): 88M params, 84.0 top-1."""
     model_args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), attn_type="AAMB2")
     return _create_agent_swin("agent_swin_base", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_swin_small_288(pretrained: bool = False, **kwargs: Any) -> AgentSwinTransformer:
+    """Agent-Swin-S trained at 288 (stages AABB, window 9): 50M params, 14.6G FLOPs, 84.1 top-1."""
+    model_args = dict(
+        embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), attn_type="AABB", window_size=9, img_size=288
+    )
+    return _create_agent_swin("agent_swin_small_288", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_swin_base_384(pretrained: bool = False, **kwargs: Any) -> AgentSwinTransformer:
+    """Agent-Swin-B fine-tuned at 384 (stages AAMB2, window 12): 88M params, 46.3G FLOPs, 84.9 top-1."""
+    model_args = dict(
+        embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), attn_type="AAMB2", window_size=12, img_size=384
+    )
+    return _create_agent_swin("agent_swin_base_384", pretrained=pretrained, **dict(model_args, **kwargs))
