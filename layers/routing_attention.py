@@ -8,9 +8,11 @@
 * ``"attention_lepe"`` — :class:`GlobalAttentionLePE` (BiFormer stage 4, ``topk=-2``): global attention whose LCE
   convolves the attention *input*.
 
-Any input size: the input is zero-padded at the bottom/right to a multiple of ``n_win`` *before* the qkv projection
-(padded tokens carry the qkv bias and take part in routing, attention and the LCE — the official ``auto_pad``), and
-the output is cropped. Official checkpoints were trained at 224 px with ``n_win=7``, where no padding occurs.
+Any input size. ``padding="zero"`` (default, official ``auto_pad``): the input is zero-padded at the bottom/right to
+a multiple of ``n_win`` *before* the qkv projection (padded tokens carry the qkv bias and take part in routing,
+attention and the LCE) and the output is cropped. ``padding="mask"``: q/k/v come from the unpadded input and the
+padded tokens are excluded from routing and attention (``bra2d(..., padding="mask")``); the LCE convolves the
+unpadded V map. Official checkpoints were trained at 224 px with ``n_win=7``, where no padding occurs and both agree.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attnzoo.kernels.routing import bra2d
+from attnzoo.kernels.routing.api import PADDINGS
 from attnzoo.kernels.routing.reference import bra2d_reference
 
 from .attention import Attention
@@ -47,6 +50,8 @@ class BiLevelRoutingAttention(nn.Module):
         side_dwconv: kernel of the depthwise LCE conv on V.
         gate: output gate on the attention output, ``"none"``, ``"headwise"`` or ``"elementwise"``.
         backend: routed-attention backend, ``"auto"``, ``"triton"`` or ``"reference"``.
+        padding: ``"zero"`` (official: pad the input, padded tokens take part) or ``"mask"`` (padded tokens are
+            excluded; see the module docstring).
 
     Parameters (``qkv``, ``lepe``, ``proj``) map one-to-one to the official ``qkv.qkv``, ``lepe``, ``wo``.
     """
@@ -65,12 +70,15 @@ class BiLevelRoutingAttention(nn.Module):
         proj_bias: bool = True,
         proj_drop: float = 0.0,
         backend: str = "auto",
+        padding: str = "zero",
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         qk_dim = qk_dim or dim
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
         if qk_dim % num_heads or dim % num_heads:
             raise ValueError(f"num_heads ({num_heads}) must divide qk_dim ({qk_dim}) and dim ({dim})")
         if n_win < 1:
@@ -84,6 +92,7 @@ class BiLevelRoutingAttention(nn.Module):
         self.topk = topk
         self.scale = qk_scale or qk_dim**-0.5
         self.backend = backend
+        self.padding = padding
         self.qkv = nn.Linear(dim, 2 * qk_dim + dim, bias=qkv_bias, **dd)
         self.lepe = _depthwise(dim, side_dwconv, **dd)
         self.gate = create_gate(gate, dim, num_heads, dim // num_heads, bias=qkv_bias, **dd)
@@ -93,7 +102,7 @@ class BiLevelRoutingAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(B, H, W, dim)`` for any ``H, W``. Returns ``(B, H, W, dim)``."""
         B, H, W, C = x.shape
-        pad_h, pad_w = (-H) % self.n_win, (-W) % self.n_win
+        pad_h, pad_w = (0, 0) if self.padding == "mask" else ((-H) % self.n_win, (-W) % self.n_win)
         if pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         Hp, Wp = H + pad_h, W + pad_w
@@ -103,9 +112,11 @@ class BiLevelRoutingAttention(nn.Module):
         k = k.reshape(B, Hp, Wp, heads, self.qk_dim // heads)
         v_heads = v.reshape(B, Hp, Wp, heads, self.dim // heads)
         if torch.jit.is_scripting():
-            out = bra2d_reference(q, k, v_heads, self.n_win, self.topk, self.scale)[0]
+            out = bra2d_reference(q, k, v_heads, self.n_win, self.topk, self.scale, self.padding == "mask")[0]
         else:
-            out = bra2d(q, k, v_heads, self.n_win, self.topk, scale=self.scale, backend=self.backend)
+            out = bra2d(
+                q, k, v_heads, self.n_win, self.topk, scale=self.scale, backend=self.backend, padding=self.padding
+            )
         out = out.reshape(B, Hp, Wp, self.dim)
         if self.gate is not None:
             out = self.gate(x, out)
@@ -115,7 +126,10 @@ class BiLevelRoutingAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, qk_dim={self.qk_dim}, num_heads={self.num_heads}, n_win={self.n_win}, topk={self.topk}"
+        return (
+            f"dim={self.dim}, qk_dim={self.qk_dim}, num_heads={self.num_heads}, n_win={self.n_win}, "
+            f"topk={self.topk}, padding={self.padding}"
+        )
 
 
 @register_mixer("attention_lepe")

@@ -113,6 +113,19 @@ def test_argument_errors():
         routed_attention(wide, wide, wide, index, 2, backend="triton")
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("bad", [-1, 4])
+def test_out_of_range_index_is_a_clear_error(backend, bad):
+    """Checked before dispatch: the Triton kernel would otherwise read out of bounds silently."""
+    q, k, v = _qkv((1, 4, 3, 2, 4), dtype=torch.float32)
+    index = route(q, k, 2, 2).to(torch.int32)
+    index[0, 2, 1] = bad
+    with pytest.raises(
+        ValueError, match=rf"index values must be in \[0, n_win\*\*2 = 4\), got values in \[{min(bad, 0)}"
+    ):
+        routed_attention(q, k, v, index, 2, backend=backend)
+
+
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")

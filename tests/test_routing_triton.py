@@ -3,6 +3,8 @@
 Sizes are tiny: the interpreter executes every program of the grid in Python.
 """
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -109,23 +111,35 @@ def test_inverted_routing_index():
             assert entries == expected
 
 
-def test_custom_op_passes_opcheck():
+@pytest.mark.parametrize("layout", ["regions", "masked map"])
+def test_custom_op_passes_opcheck(layout):
     from attnzoo.kernels.routing.op import routed_attention_fwd
 
-    q, k, v = _inputs((1, 4, 2, 1, 16))
-    index = route(q, k, 2, 2)
-    torch.library.opcheck(routed_attention_fwd, (q, k, v, index, 2, "regions", 0.25))
+    q, k, v = _inputs((1, 4, 2, 1, 16) if layout == "regions" else (1, 4, 4, 1, 16))
+    index = torch.tensor([[[0, 1], [2, 0], [1, 3], [3, 2]]], device=DEVICE)
+    # masked map: n_win 2 regions of 2 x 2 tokens, keys outside the top-left 3 x 3 masked
+    extra = ("regions", 0.25) if layout == "regions" else ("map", 0.25, 3, 3)
+    torch.library.opcheck(routed_attention_fwd, (q, k, v, index, 2, *extra))
 
 
-def test_compiles_without_graph_breaks():
+COMPILED = {  # inputs (B, 4, 4, 2, 16): a region-major 2 x 2 grid of 4 tokens, or a 4 x 4 map
+    "bra2d": lambda a, b, c, backend: bra2d(a, b, c, 2, 2, backend=backend),
+    "bra2d masked": lambda a, b, c, backend: bra2d(a[:, :3], b[:, :3], c[:, :3], 2, 2, backend=backend, padding="mask"),
+    "routed_attention": lambda a, b, c, backend: routed_attention(a, b, c, route(a, b, 2, 2), 2, backend=backend),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPILED))
+def test_compiles_without_graph_breaks(name):
+    """fullgraph: the custom ops trace, and routed_attention skips its data-dependent index check while compiling."""
     import torch._dynamo
 
     torch._dynamo.reset()
     q, k, v = _inputs((1, 4, 4, 2, 16))
-    fn = torch.compile(lambda a, b, c: bra2d(a, b, c, 2, 2, backend="triton"), backend="aot_eager", fullgraph=True)
+    fn = torch.compile(partial(COMPILED[name], backend="triton"), backend="aot_eager", fullgraph=True)
     out = fn(q, k, v)
     out.sum().backward()
-    torch.testing.assert_close(out, bra2d(q, k, v, 2, 2, backend="reference"), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, COMPILED[name](q, k, v, backend="reference"), atol=1e-4, rtol=1e-4)
     assert q.grad is not None and torch.isfinite(q.grad).all()
     torch._dynamo.reset()
 

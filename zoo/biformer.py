@@ -7,7 +7,9 @@ scale ``qk_dim ** -0.5``), stage 4 global attention with 8 heads and a 5x5 LCE
 (:class:`attnzoo.layers.GlobalAttentionLePE`); a final BatchNorm, average pooling and the head.
 Built from attnzoo's shared ``HierarchicalVisionTransformer``, ``TransformerBlock``, ``ConvStem``, ``ConvDownsample``.
 
-Any input size works: each routing block pads its map to a multiple of ``n_win`` (see the layer). The released
+Any input size works: each routing block pads its map to a multiple of ``n_win`` (see the layer) — with zeros
+that take part in attention as published (``padding="zero"``), or excluded (``padding="mask"``, e.g.
+``timm.create_model("biformer_tiny", padding="mask")``; identical where no padding occurs, e.g. 224 px). The released
 ImageNet-1k checkpoints (official keys) load through :func:`checkpoint_filter_fn`.
 """
 
@@ -79,6 +81,8 @@ class BiFormer(HierarchicalVisionTransformer):
         mlp_ratio, side_dwconv, cpe_kernel_size: MLP width ratio, LCE kernel, conditional position encoding kernel.
         gate: output gate of every attention (``"none"`` as published).
         backend: routed-attention backend (``"auto"``: Triton on CUDA, reference elsewhere).
+        padding: padding of maps whose sides are not multiples of ``n_win`` in the routing stages: ``"zero"``
+            (official, padded tokens take part) or ``"mask"`` (padded tokens are excluded).
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class BiFormer(HierarchicalVisionTransformer):
         cpe_kernel_size: int = 3,
         gate: str = "none",
         backend: str = "auto",
+        padding: str = "zero",
         drop_path_rate: float = 0.0,
         in_chans: int = 3,
         num_classes: int = 1000,
@@ -120,6 +125,7 @@ class BiFormer(HierarchicalVisionTransformer):
                     side_dwconv=side_dwconv,
                     gate=gate,
                     backend=backend,
+                    padding=padding,
                     **dd,
                 )
             if topks[i] == -2:

@@ -3,7 +3,9 @@
 A feature map is split into an ``S x S`` grid of regions (``n_win = S``). :func:`route` picks, for every query
 region, the ``topk`` key regions with the highest affinity between region-mean queries and keys (shared by all heads,
 detached); :func:`routed_attention` lets every query token attend, per head, to all tokens of its region's routed
-regions: ``softmax(q K_g^T * scale) V_g``. :func:`bra2d` does both on a ``(B, H, W, heads, D)`` map of any size.
+regions: ``softmax(q K_g^T * scale) V_g``. :func:`bra2d` does both on a ``(B, H, W, heads, D)`` map of any size,
+zero-padding it to a multiple of ``n_win`` (``padding="zero"``, official) or excluding the padded tokens
+(``padding="mask"``).
 
 Backends (``backend=``, see :func:`attnzoo.kernels.resolve_backend`): ``"reference"`` gathers the routed regions in
 PyTorch; ``"triton"`` streams them by index from the un-gathered K/V in a fused kernel (deterministic backward,
@@ -13,19 +15,21 @@ float16 / bfloat16 / float32); ``"auto"`` takes Triton on CUDA and the reference
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..dispatch import resolve_backend
 from .reference import (
-    map_to_regions,
+    bra2d_reference,
+    pad_map,
     region_means,
-    regions_to_map,
+    route_map,
     route_means,
     routed_attention_reference,
+    valid_tokens,
 )
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+PADDINGS = ("zero", "mask")
 
 
 def _check_n_win(n_win: int) -> None:
@@ -74,32 +78,22 @@ def default_scale(q: torch.Tensor) -> float:
     return (q.shape[-2] * q.shape[-1]) ** -0.5
 
 
-def _attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    index: torch.Tensor,
-    n_win: int,
-    layout: str,
-    scale: float,
-    backend: str,
-) -> torch.Tensor:
-    """Token attention in ``layout`` (checked inputs) on the resolved backend."""
+def _check_index_range(index: torch.Tensor, regions: int) -> None:
+    """Raise if ``index`` holds a value outside ``[0, regions)`` (one host sync)."""
+    if index.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(index)).tolist()
+    if low < 0 or high >= regions:
+        raise ValueError(f"index values must be in [0, n_win**2 = {regions}), got values in [{low}, {high}]")
+
+
+def _resolve(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *others: torch.Tensor) -> str:
+    """``"triton"`` or ``"reference"`` for checked inputs; ``"auto"`` falls back where Triton does not apply."""
     if backend == "triton":
         _check_triton_support(q, v)
     elif backend == "auto" and (q.dtype not in TRITON_DTYPES or max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM):
         backend = "reference"
-    if resolve_backend(backend, q, k, v, index) == "reference":
-        if layout == "regions":
-            return routed_attention_reference(q, k, v, index, scale)
-        H, W = q.shape[1], q.shape[2]
-        out = routed_attention_reference(
-            map_to_regions(q, n_win), map_to_regions(k, n_win), map_to_regions(v, n_win), index, scale
-        )
-        return regions_to_map(out, n_win, H, W)
-    from .op import routed_attention_fwd
-
-    return routed_attention_fwd(q, k, v, index, n_win, layout, float(scale))[0]
+    return resolve_backend(backend, q, k, v, *others)
 
 
 def route(q: torch.Tensor, k: torch.Tensor, n_win: int, topk: int) -> torch.Tensor:
@@ -140,8 +134,9 @@ def routed_attention(
         q, k: region-major ``(B, n_win**2, T, heads, D)``; region ``r`` is row ``r // n_win``, column ``r % n_win`` of
             the region grid, its ``T`` tokens in any fixed order.
         v: ``(B, n_win**2, T, heads, Dv)``.
-        index: ``(B, n_win**2, topk)`` integer key-region indices in ``[0, n_win**2)`` (e.g. from :func:`route`;
-            the reference raises on out-of-range values, the Triton kernel does not check them).
+        index: ``(B, n_win**2, topk)`` integer key-region indices in ``[0, n_win**2)`` (e.g. from :func:`route`).
+            Out-of-range values raise ``ValueError`` (one host sync). The check is skipped while ``torch.compile``
+            traces (it would break the graph); there, out-of-range values are undefined behaviour on Triton.
         n_win: regions per side.
         scale: logit scale; default ``(heads * D) ** -0.5`` (the official BiFormer scale, full q/k width).
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
@@ -165,7 +160,14 @@ def routed_attention(
             f"index must be (B, n_win**2, topk) = ({q.shape[0]}, {q.shape[1]}, topk), got {tuple(index.shape)}"
         )
     _check_topk(index.shape[2], n_win * n_win)
-    return _attend(q, k, v, index, n_win, "regions", default_scale(q) if scale is None else scale, backend)
+    if not torch.compiler.is_compiling():
+        _check_index_range(index, n_win * n_win)
+    scale = default_scale(q) if scale is None else scale
+    if _resolve(backend, q, k, v, index) == "reference":
+        return routed_attention_reference(q, k, v, index, scale)
+    from .op import routed_attention_fwd
+
+    return routed_attention_fwd(q, k, v, index, n_win, "regions", float(scale))[0]
 
 
 def bra2d(
@@ -176,6 +178,7 @@ def bra2d(
     topk: int,
     scale: float | None = None,
     backend: str = "auto",
+    padding: str = "zero",
 ) -> torch.Tensor:
     """Bi-level routing attention on channels-last maps of any size: :func:`route`, then :func:`routed_attention`.
 
@@ -185,19 +188,32 @@ def bra2d(
         topk: routed regions per query region, ``1 <= topk <= n_win**2``.
         scale: logit scale; default ``(heads * D) ** -0.5`` (official BiFormer).
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
+        padding: how sides that are not multiples of ``n_win`` are padded (at the bottom/right, with zeros):
+            ``"zero"`` (official ``auto_pad``): the padded q/k/v tokens take part in routing and attention (the
+            layer :class:`attnzoo.layers.BiLevelRoutingAttention` even pads its input before the qkv projection);
+            ``"mask"``: they are excluded — region means average only valid tokens, regions without valid tokens
+            are never routed to (unless ``topk`` exceeds the regions holding valid tokens; then they contribute
+            nothing) and padded keys are left out of every softmax. Both give the same result when no padding is
+            needed.
 
-    Sides that are not multiples of ``n_win`` are zero-padded at the bottom/right (the padded q/k/v tokens take part
-    in routing and attention, as the official ``auto_pad`` — which pads the block input before the qkv projection,
-    see :class:`attnzoo.layers.BiLevelRoutingAttention`) and the output is cropped to ``(B, H, W, heads, Dv)``.
-    The Triton backend reads and writes the map in place, without region-partition copies.
+    Returns ``(B, H, W, heads, Dv)`` (padded positions cropped). The Triton backend reads and writes the map in
+    place, without region-partition copies.
     """
     _check_n_win(n_win)
     _check_qkv(q, k, v)
     _check_topk(topk, n_win * n_win)
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    scale = default_scale(q) if scale is None else scale
+    if _resolve(backend, q, k, v) == "reference":
+        return bra2d_reference(q, k, v, n_win, topk, scale, padding == "mask")[0]
+    from .op import routed_attention_fwd
+
     H, W = q.shape[1], q.shape[2]
-    pad_h, pad_w = (-H) % n_win, (-W) % n_win
-    if pad_h or pad_w:
-        q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad_w, 0, pad_h)) for x in (q, k, v))
-    index = route_means(region_means(q, n_win, "map"), region_means(k, n_win, "map"), topk)
-    out = _attend(q, k, v, index, n_win, "map", default_scale(q) if scale is None else scale, backend)
-    return out[:, :H, :W] if pad_h or pad_w else out
+    q, k, v = pad_map(q, n_win), pad_map(k, n_win), pad_map(v, n_win)
+    padded = q.shape[1] != H or q.shape[2] != W
+    masked = padding == "mask" and padded
+    index = route_map(q, k, n_win, topk, valid_tokens(H, W, n_win, q.device) if masked else None)
+    valid_hw = (H, W) if masked else (0, 0)
+    out = routed_attention_fwd(q, k, v, index, n_win, "map", float(scale), *valid_hw)[0]
+    return out[:, :H, :W] if padded else out

@@ -7,6 +7,9 @@
   routing index — the (query region, slot) pairs that routed to this key region, built by
   :func:`invert_routing_index` with a stable sort — and accumulates ``dK`` and ``dV`` for its keys. Query tokens of
   several small regions share one block (query ``m`` of the list is token ``m % T`` of entry ``m // T``).
+
+With ``MASK_PAD`` (``"map"`` layout only) keys outside the valid ``H_VALID x W_VALID`` part of the map get zero
+probability, as in the forward; their ``dK`` and ``dV`` are zero.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_forward import mm, token_offsets
+from .triton_forward import mm, token_in_map, token_offsets
 
 
 def invert_routing_index(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,10 +49,11 @@ def routed_attention_bwd_dq_kernel(
     sdq_b, sdq_ry, sdq_rx, sdq_ty, sdq_tx, sdq_h, sdq_d,
     si_b, si_r,
     scale, qk_scale_log2,
-    HEADS, S, R, T, RW, TOPK, D_QK, D_V,
+    HEADS, S, R, T, RW, TOPK, D_QK, D_V, H_VALID, W_VALID,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    MASK_PAD: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     r = tl.program_id(1)
@@ -85,6 +89,9 @@ def routed_attention_bwd_dq_kernel(
         n_valid = offs_n < n_keys
         region = tl.load(index_row + offs_n // T, mask=n_valid, other=0)
         t = offs_n % T
+        key_ok = n_valid
+        if MASK_PAD:
+            key_ok = key_ok & token_in_map(region, t, S, RW, T // RW, H_VALID, W_VALID)
         k_rows = token_offsets(region, t, S, RW, sk_ry, sk_rx, sk_ty, sk_tx)
         k = tl.load(
             K + b * sk_b + h * sk_h + k_rows[:, None] + offs_dqk[None, :] * sk_d,
@@ -98,7 +105,7 @@ def routed_attention_bwd_dq_kernel(
             other=0.0,
         )
         s = mm(q, tl.trans(k), PRECISION, UPCAST_DOT) * qk_scale_log2
-        p = tl.where(n_valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.where(key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = mm(do, tl.trans(v), PRECISION, UPCAST_DOT)
         ds = p * (dp - delta[:, None])
         dq += mm(ds.to(k.dtype), k, PRECISION, UPCAST_DOT)
@@ -121,10 +128,11 @@ def routed_attention_bwd_dkv_kernel(
     sdk_b, sdk_ry, sdk_rx, sdk_ty, sdk_tx, sdk_h, sdk_d,
     sdv_b, sdv_ry, sdv_rx, sdv_ty, sdv_tx, sdv_h, sdv_d,
     scale, qk_scale_log2,
-    HEADS, S, R, T, RW, TOPK, D_QK, D_V,
+    HEADS, S, R, T, RW, TOPK, D_QK, D_V, H_VALID, W_VALID,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    MASK_PAD: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     kr = tl.program_id(1)
@@ -140,6 +148,9 @@ def routed_attention_bwd_dkv_kernel(
     dv_valid = offs_dv < D_V
     kmask = n_valid[:, None] & dqk_valid[None, :]
     vmask = n_valid[:, None] & dv_valid[None, :]
+    key_ok = n_valid
+    if MASK_PAD:
+        key_ok = key_ok & token_in_map(kr, offs_n, S, RW, T // RW, H_VALID, W_VALID)
 
     k_rows = token_offsets(kr, offs_n, S, RW, sk_ry, sk_rx, sk_ty, sk_tx)
     k = tl.load(K + b * sk_b + h * sk_h + k_rows[:, None] + offs_dqk[None, :] * sk_d, mask=kmask, other=0.0)
@@ -174,6 +185,8 @@ def routed_attention_bwd_dkv_kernel(
         delta = tl.load(Delta + stat, mask=m_valid, other=0.0)
         s_t = mm(k, tl.trans(q), PRECISION, UPCAST_DOT) * qk_scale_log2  # (BLOCK_N, BLOCK_M)
         p_t = tl.where(m_valid[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
+        if MASK_PAD:
+            p_t = tl.where(key_ok[:, None], p_t, 0.0)
         dv += mm(p_t.to(do.dtype), do, PRECISION, UPCAST_DOT)
         dp_t = mm(v, tl.trans(do), PRECISION, UPCAST_DOT)
         ds_t = p_t * (dp_t - delta[None, :])

@@ -4,7 +4,8 @@ One program per (query block of a region, query region, batch x head). The ``top
 are streamed in blocks of ``BLOCK_N`` straight from the un-gathered K/V (a key block may span several small
 regions: key ``n`` is token ``n % T`` of routed region ``index[b, r, n // T]``), with an online softmax in the
 base-2 domain and fp32 accumulation. Saves the per-query log-sum-exp (base 2, of the scaled logits) for the backward.
-Token addressing follows :mod:`attnzoo.kernels.routing.layout`.
+Token addressing follows :mod:`attnzoo.kernels.routing.layout`. With ``MASK_PAD`` (``"map"`` layout only), keys
+outside the valid ``H_VALID x W_VALID`` top-left part of the padded map are left out of the softmax.
 """
 
 from __future__ import annotations
@@ -19,6 +20,15 @@ LOG2_E = 1.4426950408889634
 def token_offsets(region, t, S, RW, s_ry, s_rx, s_ty, s_tx):
     """Element offset of token ``t`` of region ``region`` (tensors of equal shape)."""
     return (region // S) * s_ry + (region % S) * s_rx + (t // RW) * s_ty + (t % RW) * s_tx
+
+
+@triton.jit
+def token_in_map(region, t, S, RW, RH, H_VALID, W_VALID):
+    """Whether token ``t`` of region ``region`` (``"map"`` layout, regions of ``RH x RW`` tokens) lies at a row
+    ``< H_VALID`` and a column ``< W_VALID`` of the map."""
+    row = (region // S) * RH + t // RW
+    col = (region % S) * RW + t % RW
+    return (row < H_VALID) & (col < W_VALID)
 
 
 @triton.jit
@@ -39,10 +49,11 @@ def routed_attention_fwd_kernel(
     so_b, so_ry, so_rx, so_ty, so_tx, so_h, so_d,
     si_b, si_r,
     qk_scale_log2,
-    HEADS, S, R, T, RW, TOPK, D_QK, D_V,
+    HEADS, S, R, T, RW, TOPK, D_QK, D_V, H_VALID, W_VALID,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    MASK_PAD: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     r = tl.program_id(1)
@@ -74,6 +85,9 @@ def routed_attention_fwd_kernel(
         n_valid = offs_n < n_keys
         region = tl.load(index_row + offs_n // T, mask=n_valid, other=0)
         t = offs_n % T
+        key_ok = n_valid
+        if MASK_PAD:
+            key_ok = key_ok & token_in_map(region, t, S, RW, T // RW, H_VALID, W_VALID)
         k_rows = token_offsets(region, t, S, RW, sk_ry, sk_rx, sk_ty, sk_tx)
         k = tl.load(
             K + b * sk_b + h * sk_h + k_rows[:, None] + offs_dqk[None, :] * sk_d,
@@ -81,10 +95,13 @@ def routed_attention_fwd_kernel(
             other=0.0,
         )
         s = mm(q, tl.trans(k), PRECISION, UPCAST_DOT) * qk_scale_log2
-        s = tl.where(n_valid[None, :], s, float("-inf"))
+        s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        m_ref = m_new
+        if MASK_PAD:  # no valid key yet: keep exp2 finite (p = alpha = 0)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
         v_rows = token_offsets(region, t, S, RW, sv_ry, sv_rx, sv_ty, sv_tx)
         v = tl.load(
