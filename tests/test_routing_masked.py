@@ -195,32 +195,6 @@ def test_biformer_mask_equals_zero_without_padding_and_differs_with(tiny_models)
 # --- Triton (interpreter on CPU) against the reference -----------------------------------------------------------
 
 
-def _compare(fn, inputs, dtype, tol):
-    out = fn(*inputs, backend="triton")
-    assert out.dtype == dtype
-    ref_inputs = [x.detach().float().requires_grad_() for x in inputs]
-    ref = fn(*ref_inputs, backend="reference")
-    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
-    grad = torch.randn_like(ref)
-    got = torch.autograd.grad(out, inputs, grad.to(dtype))
-    want = torch.autograd.grad(ref, ref_inputs, grad)
-    for name, a, b in zip("qkv", got, want):
-        torch.testing.assert_close(a.float(), b, atol=tol * 4, rtol=tol * 4, msg=f"d{name}")
-
-
-@pytest.mark.parametrize(
-    ("size", "dtype", "tol"),
-    [((4, 3), torch.float32, 1e-4), ((5, 7), torch.float32, 1e-4), ((5, 7), torch.float16, 3e-3)],
-)
-@pytest.mark.triton
-@requires_triton
-def test_triton_masked_matches_reference(size, dtype, tol):
-    """(4, 3) with n_win 3: regions of 2 x 1 tokens, region row 2 entirely padding; (5, 7): partial regions."""
-    inputs = _qkv((1, *size, 2, 16), dtype=torch.float32, device=DEVICE)
-    q, k, v = (x.detach().to(dtype).requires_grad_() for x in inputs)
-    _compare(lambda a, b, c, backend: bra2d(a, b, c, 3, 2, backend=backend, padding="mask"), (q, k, v), dtype, tol)
-
-
 @pytest.mark.triton
 @requires_triton
 def test_triton_kernel_masks_padded_keys_whatever_their_content():

@@ -155,3 +155,11 @@ def test_layer_triton_backend_matches_reference():
     (gx_ref,) = torch.autograd.grad(ref.sum(), x)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(gx, gx_ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("size", "dtype"), [((4, 3), torch.float32), ((5, 7), torch.float32), ((5, 7), torch.float16)])
+def test_masked_padding_matches_reference(size, dtype):
+    """``padding="mask"``: (4, 3) with n_win 3 has regions of 2 x 1 tokens and region row 2 entirely padding; (5, 7)
+    has partial regions."""
+    q, k, v = _inputs((1, *size, 2, 16), dtype=dtype)
+    _compare(partial(bra2d, n_win=3, topk=2, padding="mask"), (q, k, v), dtype)
