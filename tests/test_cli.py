@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from attnzoo.cli import main
-from attnzoo.demo import format_table, profile_model, sample_image_path
+from attnzoo.profiling import format_table, profile_model, sample_image_path
 
 
 def test_profile_command_profiles_a_model_on_a_real_photo(capsys):

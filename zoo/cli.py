@@ -19,9 +19,9 @@ LIGHTNING_COMMANDS = {
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .profiling import run_profile
 
-    run_demo(args.models, image=args.image, repeats=args.repeats)
+    run_profile(args.models, image=args.image, repeats=args.repeats)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import resolve_backend
+from ..flops import charged, na2d_macs
 from .ops import na2d_triton
 from .reference import na2d_reference
 
@@ -90,12 +91,18 @@ def na2d(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     tensors = (q, k, v) if rpb is None else (q, k, v, rpb)
-    if resolve_backend(backend, *tensors) == "reference":
-        return na2d_reference(q, k, v, kernel_size, dilation, rpb, float(scale))
+    backend = resolve_backend(backend, *tensors)
+    macs = lambda: na2d_macs(tuple(q.shape), kernel_size, dilation)
+    return charged(macs, _na2d_dispatch, q, k, v, kernel_size, dilation, rpb, float(scale), backend)
+
+
+def _na2d_dispatch(q, k, v, kernel_size, dilation, rpb, scale: float, backend: str) -> torch.Tensor:
+    if backend == "reference":
+        return na2d_reference(q, k, v, kernel_size, dilation, rpb, scale)
     if q.dtype not in TRITON_DTYPES:
         raise TypeError(f"backend='triton' supports {', '.join(map(str, TRITON_DTYPES))}, got {q.dtype}")
     if q.shape[-1] > MAX_TRITON_HEAD_DIM:
         raise ValueError(f"backend='triton' tiles head_dim <= {MAX_TRITON_HEAD_DIM}, got {q.shape[-1]}")
     if q.numel() == 0:
         raise ValueError(f"backend='triton' needs non-empty inputs, got shape {tuple(q.shape)}")
-    return na2d_triton(q, k, v, kernel_size, dilation, rpb, float(scale))
+    return na2d_triton(q, k, v, kernel_size, dilation, rpb, scale)

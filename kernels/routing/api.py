@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import resolve_backend
+from ..flops import charged, routed_attention_macs
 from .reference import (
     bra2d_reference,
     pad_map,
@@ -163,11 +164,18 @@ def routed_attention(
     if not torch.compiler.is_compiling():
         _check_index_range(index, n_win * n_win)
     scale = default_scale(q) if scale is None else scale
-    if _resolve(backend, q, k, v, index) == "reference":
+    backend = _resolve(backend, q, k, v, index)
+    B, R, T, heads, d_qk = q.shape
+    macs = lambda: routed_attention_macs(B, R, T, heads, d_qk, v.shape[-1], index.shape[-1])
+    return charged(macs, _routed_attention_dispatch, q, k, v, index, n_win, float(scale), backend)
+
+
+def _routed_attention_dispatch(q, k, v, index, n_win: int, scale: float, backend: str) -> torch.Tensor:
+    if backend == "reference":
         return routed_attention_reference(q, k, v, index, scale)
     from .op import routed_attention_fwd
 
-    return routed_attention_fwd(q, k, v, index, n_win, "regions", float(scale))[0]
+    return routed_attention_fwd(q, k, v, index, n_win, "regions", scale)[0]
 
 
 def bra2d(
@@ -205,7 +213,22 @@ def bra2d(
     if padding not in PADDINGS:
         raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
     scale = default_scale(q) if scale is None else scale
-    if _resolve(backend, q, k, v) == "reference":
+    backend = _resolve(backend, q, k, v)
+    return charged(
+        lambda: bra2d_macs(q, v, n_win, topk), _bra2d_dispatch, q, k, v, n_win, topk, float(scale), backend, padding
+    )
+
+
+def bra2d_macs(q: torch.Tensor, v: torch.Tensor, n_win: int, topk: int) -> int:
+    """MACs of :func:`bra2d` on the map padded to a multiple of ``n_win``: region-affinity routing plus attention."""
+    B, H, W, heads, d_qk = q.shape
+    regions, tokens = n_win * n_win, -(-H // n_win) * -(-W // n_win)
+    routing = B * regions * regions * heads * d_qk
+    return routing + routed_attention_macs(B, regions, tokens, heads, d_qk, v.shape[-1], topk)
+
+
+def _bra2d_dispatch(q, k, v, n_win: int, topk: int, scale: float, backend: str, padding: str) -> torch.Tensor:
+    if backend == "reference":
         return bra2d_reference(q, k, v, n_win, topk, scale, padding == "mask")[0]
     from .op import routed_attention_fwd
 
@@ -215,5 +238,5 @@ def bra2d(
     masked = padding == "mask" and padded
     index = route_map(q, k, n_win, topk, valid_tokens(H, W, n_win, q.device) if masked else None)
     valid_hw = (H, W) if masked else (0, 0)
-    out = routed_attention_fwd(q, k, v, index, n_win, "map", float(scale), *valid_hw)[0]
+    out = routed_attention_fwd(q, k, v, index, n_win, "map", scale, *valid_hw)[0]
     return out[:, :H, :W] if padded else out

@@ -1,8 +1,8 @@
 """``attnzoo profile``: build every zoo model, run it on a real photo and report params / GFLOPs / CPU latency.
 
 The photo is scikit-learn's ``china.jpg`` (or ``flower.jpg``), read from the installed package files, so the demo
-needs no download. GFLOPs are multiply-accumulates counted by ``torch.utils.flop_counter`` (the fvcore convention
-used by the papers' tables).
+needs no download. GFLOPs are multiply-accumulates counted by :func:`attnzoo.kernels.flops.count_macs` (the fvcore
+convention of the papers' tables; the same count on every supported torch version).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 import timm
 import torch
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
 
 from ._registry import list_models
+from .kernels.flops import count_macs
 
 SAMPLE_IMAGES = ("china.jpg", "flower.jpg")
 
@@ -40,7 +40,7 @@ def sample_image_path(name: str = "china.jpg") -> Path:
 class ModelReport:
     name: str
     params_m: float
-    gflops: float
+    gmacs: float
     latency_ms: float
     input_size: tuple[int, ...]
     output_shape: tuple[int, ...]
@@ -51,11 +51,10 @@ def profile_model(name: str, image: Image.Image, repeats: int = 3) -> ModelRepor
     model = timm.create_model(name).eval()
     config = timm.data.resolve_data_config(model=model)
     x = timm.data.create_transform(**config)(image).unsqueeze(0)
+    macs, out = count_macs(model, x)
+    if not torch.isfinite(out).all():
+        raise RuntimeError(f"{name} produced non-finite outputs")
     with torch.inference_mode():
-        with FlopCounterMode(display=False) as counter:
-            out = model(x)
-        if not torch.isfinite(out).all():
-            raise RuntimeError(f"{name} produced non-finite outputs")
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -64,7 +63,7 @@ def profile_model(name: str, image: Image.Image, repeats: int = 3) -> ModelRepor
     return ModelReport(
         name=name,
         params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-        gflops=counter.get_total_flops() / 2e9,
+        gmacs=macs / 1e9,
         latency_ms=statistics.median(times) * 1e3,
         input_size=tuple(x.shape[1:]),
         output_shape=tuple(out.shape),
@@ -77,12 +76,12 @@ def format_table(reports: list[ModelReport]) -> str:
     for r in reports:
         size = "x".join(map(str, r.input_size))
         lines.append(
-            f"{r.name:<36} {r.params_m:>10.2f} {r.gflops:>8.2f} {r.latency_ms:>8.1f}  {size:<14} {r.output_shape}"
+            f"{r.name:<36} {r.params_m:>10.2f} {r.gmacs:>8.2f} {r.latency_ms:>8.1f}  {size:<14} {r.output_shape}"
         )
     return "\n".join(lines)
 
 
-def run_demo(pattern: str = "", image: str | None = None, repeats: int = 3) -> list[ModelReport]:
+def run_profile(pattern: str = "", image: str | None = None, repeats: int = 3) -> list[ModelReport]:
     """Profile every zoo model matching ``pattern`` on ``image`` (default: scikit-learn's china.jpg) and print a
     table."""
     path = Path(image) if image else sample_image_path()
@@ -91,7 +90,7 @@ def run_demo(pattern: str = "", image: str | None = None, repeats: int = 3) -> l
         raise ValueError(f"no attnzoo model matches {pattern!r}; see `attnzoo models`")
     photo = Image.open(path).convert("RGB")
     print(
-        f"attnzoo demo: {len(names)} models on {path.name} ({photo.width}x{photo.height}), "
+        f"attnzoo profile: {len(names)} models on {path.name} ({photo.width}x{photo.height}), "
         f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, timm {timm.__version__}"
     )
     reports = []
