@@ -1,0 +1,287 @@
+"""Detection backbones from zoo classifiers: multi-scale maps + a feature pyramid, as torchvision detectors want them.
+
+- Hierarchical models (NAT, DiNAT, BiFormer, Agent-PVT/Swin, MetaPool...): ``timm.create_model(name,
+  features_only=True)`` gives the stage maps (strides 4-32); ``torchvision.ops.FeaturePyramidNetwork`` turns them
+  into ``fpn_channels``-wide levels, plus ``LastLevelMaxPool`` (R-CNN) or ``LastLevelP6P7`` on the last stage map
+  (RetinaNet / FCOS).
+- Plain ViTs (gated ViT, Agent-DeiT, ToMe models): the last block's map (stride 16; ToMe models return it unmerged)
+  goes through ViTDet's simple feature pyramid (Li et al., 2022): 2x2 transposed convolutions up to strides 8 and 4,
+  a 2x2 max-pool down to stride 32, and a 1x1 conv + LayerNorm + 3x3 conv + LayerNorm on every level.
+
+Both return an ``OrderedDict`` of ``(B, fpn_channels, H / s, W / s)`` maps and carry ``out_channels``, so any
+``torchvision.models.detection`` model accepts them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+from timm.layers import LayerNorm2d
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torchvision.ops.feature_pyramid_network import (
+    ExtraFPNBlock,
+    FeaturePyramidNetwork,
+    LastLevelMaxPool,
+    LastLevelP6P7,
+)
+
+import attnzoo  # noqa: F401  (registers the zoo models into timm)
+from attnzoo.weights.io import load_state_dict_file
+
+__all__ = ["FeatureBackbone", "SimpleFeaturePyramid", "ViTDetBackbone", "build_backbone", "is_plain_vit"]
+
+_NORMS = (nn.BatchNorm2d, nn.BatchNorm1d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def is_plain_vit(name: str, **kwargs) -> bool:
+    """Whether timm model ``name`` is a plain (single-scale) ViT; built on the meta device, so it costs no memory."""
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    return isinstance(model, VisionTransformer)
+
+
+def _pretrained_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Backbone weights from a classification checkpoint: a Lightning ``.ckpt`` of the classification recipe
+    (``model.*`` keys; the EMA copy is left out), an exported folder (``model.safetensors``) or a weights file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained_backbone: no model.safetensors in the folder {path.parent}")
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained_backbone: weights file {str(path)!r} not found")
+    state = load_state_dict_file(path)
+    if any(k.startswith("model.") for k in state):  # ImageClassifier checkpoint: keep the raw model's weights
+        state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    return state
+
+
+def _load_backbone_weights(model: nn.Module, path: str | os.PathLike, classifier: str | None) -> None:
+    """Load ``path`` into the timm ``model`` (a feature net's inner model), dropping the classifier; every weight the
+    backbone keeps must be in the file (layers pruned by ``features_only`` may be extra)."""
+    state = _pretrained_state_dict(path)
+    if classifier:
+        state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
+    missing, _ = model.load_state_dict(state, strict=False)
+    if missing:
+        raise ValueError(
+            f"pretrained_backbone {str(path)!r} lacks {len(missing)} backbone weights, e.g. {missing[:5]}; "
+            "was it trained with the same backbone and backbone kwargs?"
+        )
+
+
+def _freeze(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+def _extra_block(extra: str, in_channels: int, out_channels: int) -> ExtraFPNBlock:
+    """The levels above the last map: a stride-2 max-pool of it (``"maxpool"``), or P6/P7 convolutions on the last
+    backbone map (``"p6p7"``; on the pyramid's last level when ``in_channels == out_channels``)."""
+    return LastLevelMaxPool() if extra == "maxpool" else LastLevelP6P7(in_channels, out_channels)
+
+
+class _TimmBody(nn.Module):
+    """Shared frozen-stage / frozen-norm logic of the two backbones; ``self.body`` is a timm feature net whose
+    ``model`` is the (pruned) classifier."""
+
+    body: nn.Module
+
+    def _setup_freezing(self, units: list[str], frozen_stages: int, norm_eval: bool) -> None:
+        """Freeze every parameter registered before unit ``frozen_stages`` (the stem and the first ``frozen_stages``
+        units: stages of hierarchical models, blocks of plain ViTs); ``-1`` freezes nothing."""
+        if frozen_stages < -1 or frozen_stages > len(units):
+            raise ValueError(f"frozen_stages must be in [-1, {len(units)}], got {frozen_stages}")
+        self.norm_eval = norm_eval
+        names = [n for n, _ in self.body.model.named_parameters()]
+        if frozen_stages >= 0:
+            if frozen_stages == len(units):
+                cut = len(names)
+            else:
+                prefix = units[frozen_stages] + "."
+                cut = next(i for i, n in enumerate(names) if n.startswith(prefix))
+            frozen = set(names[:cut])
+            for name, p in self.body.model.named_parameters():
+                if name in frozen:
+                    p.requires_grad_(False)
+        if norm_eval:
+            for m in self.body.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    _freeze(m)
+
+    def train(self, mode: bool = True) -> _TimmBody:
+        """``norm_eval``: batch norms of the backbone stay in eval mode (running statistics frozen)."""
+        super().train(mode)
+        if mode and self.norm_eval:
+            for m in self.body.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to this module) of the backbone parameters without weight decay (position tables...)."""
+        inner = getattr(self.body.model, "no_weight_decay", None)
+        names = inner() if inner is not None else set()
+        return {f"body.model.{n}" for n in names}
+
+
+class FeatureBackbone(_TimmBody):
+    """A hierarchical timm model's stage maps + FPN.
+
+    ``forward``: images ``(B, 3, H, W)`` -> ``OrderedDict`` of ``(B, out_channels, H / s, W / s)`` for the strides
+    ``s`` of ``out_indices`` (only those >= ``min_stride``), then the extra levels.
+    """
+
+    def __init__(
+        self,
+        body: nn.Module,
+        out_channels: int,
+        extra: str,
+        frozen_stages: int = -1,
+        norm_eval: bool = False,
+        min_stride: int = 4,
+    ) -> None:
+        super().__init__()
+        self.body = body
+        channels, strides = body.feature_info.channels(), body.feature_info.reduction()
+        self.keep = [i for i, s in enumerate(strides) if s >= min_stride]
+        if not self.keep:
+            raise ValueError(f"out_indices give strides {strides}; at least one must be >= {min_stride}")
+        self.strides = [strides[i] for i in self.keep]
+        in_channels = [channels[i] for i in self.keep]
+        self.fpn = FeaturePyramidNetwork(
+            in_channels, out_channels, extra_blocks=_extra_block(extra, in_channels[-1], out_channels)
+        )
+        self.out_channels = out_channels
+        self.num_extra = 1 if extra == "maxpool" else 2
+        units = [info["module"] for info in body.feature_info.info]
+        self._setup_freezing(units, frozen_stages, norm_eval)
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        maps = self.body(x)
+        return self.fpn(OrderedDict((str(k), maps[i]) for k, i in enumerate(self.keep)))
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet's pyramid from one stride-16 map ``(B, C, h, w)``: maps ``(B, out_channels, 4h / s, 4w / s)`` for
+    each ``s`` of ``strides`` (a subset of 4, 8, 16, 32)."""
+
+    def __init__(self, in_channels: int, out_channels: int, strides: Sequence[int] = (4, 8, 16, 32)) -> None:
+        super().__init__()
+        if not set(strides) <= {4, 8, 16, 32}:
+            raise ValueError(f"strides must be among 4, 8, 16, 32, got {list(strides)}")
+        self.strides = list(strides)
+        self.scales = nn.ModuleList()
+        self.outputs = nn.ModuleList()
+        for s in self.strides:
+            if s == 4:
+                half = in_channels // 2
+                scale = nn.Sequential(
+                    nn.ConvTranspose2d(in_channels, half, 2, stride=2),
+                    LayerNorm2d(half),
+                    nn.GELU(),
+                    nn.ConvTranspose2d(half, in_channels // 4, 2, stride=2),
+                )
+                width = in_channels // 4
+            elif s == 8:
+                scale, width = nn.ConvTranspose2d(in_channels, in_channels // 2, 2, stride=2), in_channels // 2
+            elif s == 16:
+                scale, width = nn.Identity(), in_channels
+            else:
+                scale, width = nn.MaxPool2d(2, stride=2), in_channels
+            self.scales.append(scale)
+            self.outputs.append(
+                nn.Sequential(
+                    nn.Conv2d(width, out_channels, 1, bias=False),
+                    LayerNorm2d(out_channels),
+                    nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+                    LayerNorm2d(out_channels),
+                )
+            )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [out(scale(x)) for scale, out in zip(self.scales, self.outputs)]
+
+
+class ViTDetBackbone(_TimmBody):
+    """A plain ViT's last block map (stride 16) + :class:`SimpleFeaturePyramid` + the extra levels.
+
+    ``forward``: images ``(B, 3, H, W)`` with ``H, W`` multiples of the patch size -> ``OrderedDict`` of
+    ``(B, out_channels, H / s, W / s)``.
+    """
+
+    def __init__(
+        self,
+        body: nn.Module,
+        out_channels: int,
+        extra: str,
+        frozen_stages: int = -1,
+        norm_eval: bool = False,
+        min_stride: int = 4,
+    ) -> None:
+        super().__init__()
+        self.body = body
+        (stride,) = set(body.feature_info.reduction())
+        if stride != 16:
+            raise ValueError(f"the simple feature pyramid needs a stride-16 ViT (patch size 16), got stride {stride}")
+        strides = [s for s in (4, 8, 16, 32) if s >= min_stride]
+        self.pyramid = SimpleFeaturePyramid(body.feature_info.channels()[-1], out_channels, strides)
+        self.extra = _extra_block(extra, out_channels, out_channels)
+        self.strides, self.out_channels = strides, out_channels
+        self.num_extra = 1 if extra == "maxpool" else 2
+        units = [f"blocks.{i}" for i in range(len(body.model.blocks))]
+        self._setup_freezing(units, frozen_stages, norm_eval)
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        maps = self.pyramid(self.body(x)[-1])
+        names = [str(k) for k in range(len(maps))]
+        maps, names = self.extra(maps, maps, names)
+        return OrderedDict(zip(names, maps))
+
+
+def build_backbone(
+    name: str,
+    *,
+    extra: str = "maxpool",
+    pretrained: bool | str | os.PathLike = False,
+    out_indices: Sequence[int] = (0, 1, 2, 3),
+    fpn_channels: int = 256,
+    frozen_stages: int = -1,
+    norm_eval: bool = False,
+    min_stride: int = 4,
+    **model_kwargs,
+) -> FeatureBackbone | ViTDetBackbone:
+    """Backbone + pyramid for timm model ``name`` (``extra``: ``"maxpool"`` adds a stride-2x level by max-pooling,
+    ``"p6p7"`` two conv levels); levels with stride < ``min_stride`` are left out. ``pretrained``: ``True`` loads
+    the model's cfg weights, a path loads a classification checkpoint or exported folder (classifier dropped)."""
+    if extra not in ("maxpool", "p6p7"):
+        raise ValueError(f"extra must be 'maxpool' or 'p6p7', got {extra!r}")
+    if fpn_channels < 1:
+        raise ValueError(f"fpn_channels must be positive, got {fpn_channels}")
+    if not timm.is_model(name):
+        from attnzoo.recipes.module import check_model_name
+
+        check_model_name(name)
+    if isinstance(pretrained, (str, os.PathLike)) and not str(pretrained):
+        pretrained = False
+    from_file = pretrained if isinstance(pretrained, (str, os.PathLike)) else None
+    try:
+        plain = is_plain_vit(name, **model_kwargs)
+        indices: int | tuple[int, ...] = 1 if plain else tuple(out_indices)
+        body = timm.create_model(
+            name, pretrained=pretrained is True, features_only=True, out_indices=indices, **model_kwargs
+        )
+    except TypeError as err:
+        raise TypeError(f"backbone kwargs {sorted(model_kwargs)} rejected by {name}: {err}") from err
+    if from_file is not None:
+        _load_backbone_weights(body.model, from_file, body.model.pretrained_cfg.get("classifier"))
+    cls = ViTDetBackbone if plain else FeatureBackbone
+    backbone = cls(body, fpn_channels, extra, frozen_stages, norm_eval, min_stride)
+    backbone.pretrained_cfg = body.model.pretrained_cfg
+    return backbone
