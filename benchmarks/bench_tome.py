@@ -2,7 +2,7 @@
 
 For each model and merge rate ``r``: images per second of ``model(x)`` (inference mode, fixed batch; wall clock and
 per process-CPU second, the latter robust to other processes on a shared machine), MACs per image
-(``torch.utils.flop_counter``, FLOPs / 2) and agreement with the same model at ``r=0`` on real photos shipped with
+(:func:`attnzoo.kernels.flops.count_macs`) and agreement with the same model at ``r=0`` on real photos shipped with
 scikit-learn (``china.jpg``, ``flower.jpg`` and crops / flips of them, preprocessed with the model's timm data config):
 top-1 agreement and mean cosine similarity of the logits. Pretrained weights are loaded when ``--pretrained`` is given
 and reachable; otherwise the models are randomly initialised and the agreement only measures how far merging moves a
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from sklearn.datasets import load_sample_image
-from torch.utils.flop_counter import FlopCounterMode
 
 import attnzoo
+from attnzoo.kernels.flops import count_macs
 
 PAPER_R = {"deit_tiny_patch16_224": 12, "deit_small_patch16_224": 13}  # the paper's tables (DeiT-Ti, DeiT-S)
 
@@ -52,9 +52,7 @@ def timed_call(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
 
 
 def macs_per_image(model: torch.nn.Module, x: torch.Tensor) -> float:
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(x[:1])
-    return counter.get_total_flops() / 2
+    return count_macs(model, x[:1])[0]
 
 
 def bench_model(name: str, rs: list[str], args: argparse.Namespace, images: torch.Tensor) -> list[dict]:
