@@ -1,1 +1,47 @@
-"""Lightning training recipes (classification, detection): modules, data modules, configs and the CLI entry point."""
+"""Lightning training recipes: the image classification module, data module, callbacks, samplers, configs and the
+LightningCLI entry point (``attnzoo fit|validate|test|predict``).
+
+The public classes are importable from here (``from attnzoo.recipes import ImageClassifier, ImageDataModule``); they
+are loaded on first use, so ``import attnzoo.recipes`` alone does not import Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> submodule that defines it
+_EXPORTS = {
+    "ImageClassifier": "module",
+    "ImageDataModule": "data",
+    "AspectBinDataset": "data",
+    "ExportWeights": "callbacks",
+    "PredictionWriter": "callbacks",
+    "RemoveStaleTempFiles": "callbacks",
+    "ThroughputProgressBar": "callbacks",
+    "TrainingSummary": "callbacks",
+    "AtomicCheckpointIO": "checkpoint_io",
+    "AspectRatioBatchSampler": "samplers",
+    "PaddedEvalDataset": "samplers",
+    "RepeatedAugSampler": "samplers",
+    "SeededDataset": "samplers",
+    "ShardedEvalSampler": "samplers",
+    "EmbeddedDigits": "embedded",
+    "build_dataset": "datasets",
+    "export_for_timm": "export",
+    "run_cli": "cli",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

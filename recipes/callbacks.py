@@ -1,4 +1,5 @@
-"""Callbacks of the classification recipe: progress bar with img/s and ETA, final summary, weight export."""
+"""Callbacks of the classification recipe: progress bar with img/s and ETA, final summary, weight export, and the
+clean-up of temporary files that a killed run left beside its checkpoints."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
-from .export import export_for_timm
+from .checkpoint_io import remove_stale_temp_files
+from .export import CONFIG_NAME, WEIGHTS_NAME, export_for_timm
 
-__all__ = ["ExportWeights", "PredictionWriter", "ThroughputProgressBar", "TrainingSummary"]
+__all__ = ["ExportWeights", "PredictionWriter", "RemoveStaleTempFiles", "ThroughputProgressBar", "TrainingSummary"]
 
 
 def _format_seconds(seconds: float) -> str:
@@ -125,13 +127,32 @@ class TrainingSummary(Callback):
 class ExportWeights(Callback):
     """At the end of ``fit``, writes the EMA weights (when the module keeps an EMA and ``weights`` is ``"auto"`` or
     ``"ema"``) or the raw weights as a timm-loadable ``model.safetensors`` + ``config.json`` into ``dirpath``
-    (default ``<trainer.default_root_dir>/export``). :attr:`weights_path` holds the file written."""
+    (default ``<trainer.default_root_dir>/export``), with the data module's ``class_names`` as ``label_names``.
+    :attr:`weights_path` holds the file written.
 
-    def __init__(self, dirpath: str | None = None, weights: str = "auto") -> None:
+    A ``fit`` whose export folder already holds an export stops at start-up with a ``FileExistsError`` unless
+    ``overwrite`` is true (``--export.overwrite true``), so an earlier run's weights are never replaced unnoticed.
+    """
+
+    def __init__(self, dirpath: str | None = None, weights: str = "auto", overwrite: bool = False) -> None:
         if weights not in ("auto", "ema", "raw"):
             raise ValueError(f"weights must be 'auto', 'ema' or 'raw', got {weights!r}")
-        self.dirpath, self.weights = dirpath, weights
+        self.dirpath, self.weights, self.overwrite = dirpath, weights, overwrite
         self.weights_path: Path | None = None
+
+    def _directory(self, trainer: pl.Trainer) -> Path:
+        return Path(self.dirpath or Path(trainer.default_root_dir) / "export")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        directory = self._directory(trainer)
+        found = [n for n in (WEIGHTS_NAME, CONFIG_NAME) if (directory / n).exists()] if trainer.is_global_zero else []
+        found = trainer.strategy.broadcast(found, src=0)
+        if found and not self.overwrite:
+            raise FileExistsError(
+                f"the export folder {directory} already holds {' and '.join(found)} from an earlier run; pass "
+                "--export.overwrite true (export: {overwrite: true}) to replace it at the end of this run, or "
+                "choose another folder with --export.dirpath"
+            )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ema = getattr(pl_module, "ema", None)
@@ -139,15 +160,35 @@ class ExportWeights(Callback):
             raise ValueError("ExportWeights(weights='ema') needs model.ema_decay to be set")
         model = ema.module if ema is not None and self.weights != "raw" else pl_module.model
         data_config_fn = getattr(trainer.datamodule, "data_config", None)
-        directory = Path(self.dirpath or Path(trainer.default_root_dir) / "export")
+        label_names = getattr(trainer.datamodule, "class_names", None)
+        directory = self._directory(trainer)
         if trainer.is_global_zero:
             self.weights_path = export_for_timm(
-                model, directory, data_config=data_config_fn() if data_config_fn else None
+                model,
+                directory,
+                data_config=data_config_fn() if data_config_fn else None,
+                label_names=label_names if label_names is not None and len(label_names) == model.num_classes else None,
             )
             print(f"exported {'EMA' if model is not pl_module.model else 'raw'} weights to {self.weights_path}")
         else:
-            self.weights_path = directory / "model.safetensors"
+            self.weights_path = directory / WEIGHTS_NAME
         trainer.strategy.barrier("export_weights")
+
+
+class RemoveStaleTempFiles(Callback):
+    """At the start of ``fit`` (rank 0), deletes the hidden temporary files (``.last.ckpt.<random>.tmp``) that a run
+    killed while writing a checkpoint left in the checkpoint folders; :attr:`removed` lists them."""
+
+    def __init__(self) -> None:
+        self.removed: list[Path] = []
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        folders = {cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}
+        self.removed = [p for folder in sorted(folders) for p in remove_stale_temp_files(folder)]
+        if self.removed:
+            print(f"removed {len(self.removed)} temporary file(s) of an interrupted checkpoint write: {self.removed}")
 
 
 class PredictionWriter(BasePredictionWriter):

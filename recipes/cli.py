@@ -5,9 +5,12 @@ The parser has the sections ``model`` (:class:`~attnzoo.recipes.module.ImageClas
 (``ModelCheckpoint``: ``save_last`` on, best ``val/top1`` kept), ``export`` (:class:`ExportWeights`) and
 ``predictions`` (:class:`PredictionWriter`, the CSV of ``attnzoo predict``). Defaults
 added to every run: ``use_distributed_sampler: false`` (the data module builds rank-aware samplers), atomic
-checkpoint writes, the img/s + ETA progress bar, a learning-rate monitor and the final summary.
+checkpoint writes (with the clean-up of the temporary files of a killed run at start-up), the img/s + ETA progress
+bar, a learning-rate monitor and the final summary.
 
-Resume after a crash with ``--ckpt_path last`` (``checkpoint.dirpath`` must be fixed, as in the shipped configs).
+Resume after a crash with ``--ckpt_path last`` (``checkpoint.dirpath`` must be fixed, as in the shipped configs). The
+``model.*`` values always come from the config and the command line, never from the checkpoint: a checkpoint of
+another architecture is an error naming the differing keys (see ``ImageClassifier.on_load_checkpoint``).
 """
 
 from __future__ import annotations
@@ -21,14 +24,13 @@ import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from .callbacks import ExportWeights, PredictionWriter, ThroughputProgressBar, TrainingSummary
+from .callbacks import ExportWeights, PredictionWriter, RemoveStaleTempFiles, ThroughputProgressBar, TrainingSummary
 from .data import ImageDataModule
 from .module import ImageClassifier
 
 __all__ = ["CONFIG_DIR", "ZooCLI", "resolve_config_path", "run_cli"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 class ZooCLI(LightningCLI):
@@ -57,12 +59,21 @@ class ZooCLI(LightningCLI):
             ]
         return super().instantiate_trainer(**kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the config's ``model.*``: LightningCLI would replace them with the checkpoint's hyperparameters in
+        silence; the module compares the architectures when the checkpoint is loaded instead."""
+
 
 def _trainer_defaults() -> dict:
     return {
         "use_distributed_sampler": False,
         "plugins": [{"class_path": "attnzoo.recipes.checkpoint_io.AtomicCheckpointIO"}],
-        "callbacks": [ThroughputProgressBar(), LearningRateMonitor(logging_interval="step"), TrainingSummary()],
+        "callbacks": [
+            ThroughputProgressBar(),
+            LearningRateMonitor(logging_interval="step"),
+            TrainingSummary(),
+            RemoveStaleTempFiles(),
+        ],
     }
 
 

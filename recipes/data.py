@@ -6,6 +6,16 @@ random erasing 0.25. Samplers are built from the trainer's rank and world size (
 ``use_distributed_sampler=False``): repeated augmentation for training, padded shards plus a real/padding flag for
 evaluation so that DDP metrics count every image exactly once.
 
+Classes: the training split fixes the class map (class name -> label), which the data module keeps in its state (so
+in every checkpoint, and :class:`~attnzoo.recipes.callbacks.ExportWeights` writes it as ``label_names``). Evaluation
+splits are labelled with it, in ``fit`` and, after Lightning restored it from ``--ckpt_path``, in ``validate`` /
+``test`` / ``predict``; a folder split with classes training did not have is an error (never dropped in silence),
+and a split may lack some of the training classes.
+
+Augmentation: every training draw runs its random transform under its own seed, a function of (``seed``, epoch,
+position in the epoch) (:class:`~attnzoo.recipes.samplers.SeededDataset`), so a resumed run sees the same augmented
+images as an uninterrupted one, with any number of workers.
+
 Multi-aspect training (``aspect_ratio_bins``): every training image goes to the nearest target width/height ratio,
 is cropped and resized to that bin's size (about the area of ``input_size``), and the batches are drawn by
 :class:`~attnzoo.recipes.samplers.AspectRatioBatchSampler`, so that each batch has one shape. Evaluation is unchanged.
@@ -25,11 +35,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from .datasets import build_dataset, dataset_class_to_idx, dataset_num_classes
+from .datasets import build_dataset, dataset_class_names, dataset_num_classes
 from .samplers import (
     AspectRatioBatchSampler,
     PaddedEvalDataset,
     RepeatedAugSampler,
+    SeededDataset,
     ShardedEvalSampler,
     check_aspect_ratios,
     nearest_aspect_bin,
@@ -157,7 +168,12 @@ class ImageDataModule(pl.LightningDataModule):
         aspect_ratio_multiple: both sides of a bin's size are multiples of this (the model's total stride).
         num_train_samples, num_eval_samples: keep only the first images of each split (quick runs).
         download: let torchvision datasets download (needs network).
-        seed: seed of the shuffle (epoch ``e`` uses ``seed + e``).
+        seed: seed of the shuffle (epoch ``e`` uses ``seed + e``) and of the per-draw augmentation seeds.
+
+    Attributes:
+        class_names: the training classes in label order (``None`` until known: set by ``setup("fit")`` or
+            restored from a checkpoint; ``None`` for datasets that do not name their classes).
+        num_classes: the number of training classes (or of the evaluated split when no training classes are known).
     """
 
     def __init__(
@@ -209,7 +225,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.datasets: dict[str, Dataset] = {}
+        self.class_names: list[str] | None = None
         self.num_classes: int | None = None
+        self._eval_splits: dict[str, str] = {}
         self._train_sampler: RepeatedAugSampler | AspectRatioBatchSampler | None = None
 
     # ------------------------------------------------------------------ transforms
@@ -227,7 +245,7 @@ class ImageDataModule(pl.LightningDataModule):
             ).items()
             if v is not None
         }
-        model = getattr(self.trainer.lightning_module, "model", None) if self.trainer is not None else None
+        model = getattr(getattr(self.trainer, "lightning_module", None), "model", None)
         if isinstance(model, torch.nn.Module):
             return timm.data.resolve_data_config(overrides, model=model)
         return timm.data.resolve_data_config(overrides)
@@ -270,24 +288,82 @@ class ImageDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
-        config = self.data_config()
-        eval_transform = timm.data.create_transform(**config, is_training=False)
-        class_map = None
         if stage == "fit":
+            config = self.data_config()
             transform = None if hp.aspect_ratio_bins else self.train_transform(config)
             train = self._build(hp.train_split, transform, training=True)
-            class_map = dataset_class_to_idx(train)
+            self.class_names = dataset_class_names(train)
             self.num_classes = dataset_num_classes(train)
+            self._check_num_classes(self.num_classes, f"the training split {hp.train_split!r}", self.class_names)
             self.datasets["train"] = self._aspect_bins(train, config) if hp.aspect_ratio_bins else train
-        eval_splits = {
+        self._eval_splits = {
             "fit": {"val": hp.val_split},
             "validate": {"val": hp.val_split},
             "test": {"test": hp.test_split or hp.val_split},
             "predict": {"predict": hp.test_split or hp.val_split},
         }[stage]
-        for key, split in eval_splits.items():
-            self.datasets[key] = self._build(split, eval_transform, class_map=class_map)
-            self.num_classes = self.num_classes or dataset_num_classes(self.datasets[key])
+        for key in self._eval_splits:  # built on first use, after Lightning restored a checkpoint's class map
+            self.datasets.pop(key, None)
+
+    def state_dict(self) -> dict:
+        """``{"class_names": [...]}``: the training classes in label order (saved in every checkpoint)."""
+        return {"class_names": list(self.class_names)} if self.class_names is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the training classes of a checkpoint; ValueError when this run's training split has others."""
+        names = state_dict.get("class_names")
+        if names is None:
+            return
+        if self.class_names is not None and list(names) != self.class_names:
+            added, missing = sorted(set(self.class_names) - set(names)), sorted(set(names) - set(self.class_names))
+            raise ValueError(
+                f"the training split's classes differ from the checkpoint's (new: {added[:10]}, gone: {missing[:10]}"
+                f"{', same names in another order' if not added and not missing else ''}); resume with the same "
+                "training data, or fine-tune from the checkpoint's weights with model.pretrained"
+            )
+        self.class_names, self.num_classes = list(names), len(names)
+        for key in self._eval_splits:
+            self.datasets.pop(key, None)
+
+    def eval_dataset(self, key: str) -> Dataset:
+        """The ``"val"``, ``"test"`` or ``"predict"`` dataset of the current stage, labelled with the training
+        classes when they are known (built on first use)."""
+        if key not in self._eval_splits:
+            raise ValueError(f"no {key!r} split in this stage; setup() prepared {sorted(self._eval_splits)}")
+        if key not in self.datasets:
+            split = self._eval_splits[key]
+            transform = timm.data.create_transform(**self.data_config(), is_training=False)
+            names = self.class_names
+            class_map = {name: i for i, name in enumerate(names)} if names is not None else None
+            dataset = self._build(split, transform, class_map=class_map)
+            split_names = dataset_class_names(dataset)
+            if names is not None and split_names is not None and split_names != names:
+                raise ValueError(
+                    f"split {split!r} labels its classes differently from training: {split_names[:10]} vs the "
+                    f"training classes {names[:10]}"
+                )
+            if names is None:
+                self.num_classes = dataset_num_classes(dataset)
+                self._check_num_classes(self.num_classes, f"split {split!r}", split_names, evaluating=True)
+            self.datasets[key] = dataset
+        return self.datasets[key]
+
+    def _check_num_classes(
+        self, num_classes: int | None, what: str, names: list[str] | None, evaluating: bool = False
+    ) -> None:
+        """ValueError when the attached model's ``num_classes`` differs from the data's, saying which to change."""
+        outputs = getattr(getattr(self.trainer, "lightning_module", None), "num_classes", None)
+        if num_classes is None or outputs is None or num_classes == outputs:
+            return
+        listed = f" ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names else ""
+        message = f"{what} has {num_classes} classes{listed} but the model has {outputs} outputs"
+        if evaluating:
+            raise ValueError(
+                f"{message}, and no training class map is known to label it. If this split lacks some of the "
+                "training classes, evaluate the training checkpoint (--ckpt_path), which stores its class map; "
+                f"if the model really has {num_classes} classes, set model.num_classes: {num_classes}"
+            )
+        raise ValueError(f"{message}; set model.num_classes: {num_classes}")
 
     def _aspect_bins(self, train: Dataset, config: dict) -> AspectBinDataset:
         hp = self.hparams
@@ -346,9 +422,10 @@ class ImageDataModule(pl.LightningDataModule):
                 world,
                 seed=self.hparams.seed,
                 resume_fn=self._batches_done,
+                seeded=True,
             )
             return _LazyIterLoader(
-                dataset, batch_sampler=self._train_sampler, generator=generator, **self._loader_kwargs()
+                SeededDataset(dataset), batch_sampler=self._train_sampler, generator=generator, **self._loader_kwargs()
             )
         self._train_sampler = RepeatedAugSampler(
             len(dataset),
@@ -359,6 +436,7 @@ class ImageDataModule(pl.LightningDataModule):
             seed=self.hparams.seed,
             batch_size=self.batch_size,
             resume_fn=self._batches_done,
+            seeded=True,
         )
         if len(self._train_sampler) < self.batch_size:
             raise ValueError(
@@ -366,7 +444,7 @@ class ImageDataModule(pl.LightningDataModule):
                 f"device on {world} device(s)"
             )
         return _LazyIterLoader(
-            dataset,
+            SeededDataset(dataset),
             batch_size=self.batch_size,
             sampler=self._train_sampler,
             drop_last=True,
@@ -376,7 +454,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     def _eval_loader(self, key: str) -> DataLoader:
         rank, world = self._rank_world()
-        padded = PaddedEvalDataset(self.datasets[key], world)
+        padded = PaddedEvalDataset(self.eval_dataset(key), world)
         sampler = ShardedEvalSampler(len(padded), rank, world)
         return DataLoader(padded, batch_size=self.eval_batch_size, sampler=sampler, **self._loader_kwargs())
 

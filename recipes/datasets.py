@@ -12,6 +12,7 @@ Sources (the ``dataset`` argument of :class:`attnzoo.recipes.data.ImageDataModul
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable
 
 from timm.data import create_dataset
@@ -19,7 +20,7 @@ from torch.utils.data import Dataset, Subset
 
 from .embedded import EMBEDDED_DATASETS, SPLITS, EmbeddedDigits
 
-__all__ = ["build_dataset", "dataset_class_to_idx", "dataset_num_classes"]
+__all__ = ["build_dataset", "dataset_class_names", "dataset_num_classes"]
 
 EMBEDDED_PREFIX = "embedded/"
 _SPLIT_SYNONYMS = {
@@ -49,6 +50,33 @@ def _find_split_folder(root: str, split: str) -> str:
     )
 
 
+def _folder_dataset(folder: str, split: str, class_map: dict[str, int] | None) -> Dataset:
+    """timm's folder (or tar) dataset of ``folder``; ValueError for images outside class subfolders and, with a
+    ``class_map`` (the training classes), for classes the map does not hold (timm would drop them silently)."""
+    try:
+        ds = create_dataset("", root=folder, split=split, search_split=False)
+    except RuntimeError as err:  # timm: "Found 0 images in subfolders of ..."
+        raise ValueError(f"no usable images in {folder!r}: {err}") from err
+    own = ds.reader.class_to_idx
+    if "" in own:  # timm labels images lying directly in the split folder with the class ""
+        raise ValueError(
+            f"{folder!r} holds images directly, not in class subfolders: put the images of each class in "
+            f"{folder}/<class name>/ (the subfolder names are the class names)"
+        )
+    if class_map is None or own == class_map:
+        return ds
+    unknown = sorted(set(own) - set(class_map))
+    if unknown:
+        counts = Counter(target for _, target in ds.reader.samples)
+        images = sum(counts[own[name]] for name in unknown)
+        raise ValueError(
+            f"split {split!r} ({folder!r}) has {len(unknown)} class(es) that training did not have: "
+            f"{unknown[:10]} ({images} images); the model only knows the training classes "
+            f"{sorted(class_map)[:10]}{' ...' if len(class_map) > 10 else ''}. Remove those folders or train with them"
+        )
+    return create_dataset("", root=folder, split=split, search_split=False, class_map=class_map)
+
+
 def build_dataset(
     dataset: str,
     root: str | None,
@@ -60,7 +88,8 @@ def build_dataset(
     is_training: bool = False,
 ) -> Dataset:
     """Dataset of ``split`` for source ``dataset`` (see the module docstring), items ``(transform(image), target)``;
-    ``num_samples`` keeps only the first items (class-balanced for the embedded sets)."""
+    ``num_samples`` keeps only the first items (class-balanced for the embedded sets). ``class_map`` (class name ->
+    index, the training classes) labels a folder split like training; classes it lacks are an error."""
     if num_samples is not None and num_samples < 1:
         raise ValueError(f"num_samples must be positive, got {num_samples}")
     if dataset.startswith(EMBEDDED_PREFIX):
@@ -72,11 +101,7 @@ def build_dataset(
             raise ValueError(f"embedded datasets have the splits {SPLITS}, got split {split!r}")
         return EmbeddedDigits(name, split, transform=transform, num_samples=num_samples)
     if dataset == "":
-        folder = _find_split_folder(root or "", split)
-        try:
-            ds = create_dataset("", root=folder, split=split, search_split=False, class_map=class_map)
-        except RuntimeError as err:  # timm: "Found 0 images in subfolders of ..."
-            raise ValueError(f"no usable images in {folder!r}: {err}") from err
+        ds = _folder_dataset(_find_split_folder(root or "", split), split, class_map)
     else:
         ds = create_dataset(
             dataset, root=root, split=split, class_map=class_map, download=download, is_training=is_training
@@ -95,21 +120,21 @@ def _unwrap(ds: Dataset) -> Dataset:
     return ds
 
 
-def dataset_class_to_idx(ds: Dataset) -> dict[str, int] | None:
-    """The class-name -> index map of a folder dataset (used to give the validation split the same labels)."""
-    reader = getattr(_unwrap(ds), "reader", None)
-    mapping = getattr(reader, "class_to_idx", None)
-    return dict(mapping) if mapping else None
+def dataset_class_names(ds: Dataset) -> list[str] | None:
+    """The class names of ``ds`` in label order (label ``i`` is ``names[i]``) when the dataset says so: folder
+    datasets (their class map), torchvision and embedded datasets (``classes``); ``None`` otherwise."""
+    base = _unwrap(ds)
+    mapping = getattr(getattr(base, "reader", None), "class_to_idx", None)
+    if mapping:
+        return sorted(mapping, key=mapping.__getitem__)
+    for holder in (base, getattr(base, "reader", None), getattr(base, "parser", None)):
+        classes = getattr(holder, "classes", None)
+        if classes is not None and len(classes) > 0:
+            return [str(c) for c in classes]
+    return None
 
 
 def dataset_num_classes(ds: Dataset) -> int | None:
     """Number of classes of ``ds`` when the dataset says so (folder, torchvision and embedded datasets)."""
-    base = _unwrap(ds)
-    mapping = dataset_class_to_idx(base)
-    if mapping:
-        return len(mapping)
-    for holder in (base, getattr(base, "reader", None), getattr(base, "parser", None)):
-        classes = getattr(holder, "classes", None)
-        if classes is not None and len(classes) > 0:
-            return len(classes)
-    return None
+    names = dataset_class_names(ds)
+    return len(names) if names is not None else None

@@ -10,26 +10,37 @@ Load the result with either::
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import save
 from timm.models._hub import save_config_for_hf
 from torch import nn
 
-__all__ = ["WEIGHTS_NAME", "export_for_timm"]
+from .checkpoint_io import atomic_write
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "export_for_timm"]
 
 WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
 
 
-def export_for_timm(model: nn.Module, directory: str | os.PathLike, data_config: dict | None = None) -> Path:
+def export_for_timm(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    data_config: dict | None = None,
+    label_names: Sequence[str] | None = None,
+) -> Path:
     """Write ``model``'s state dict to ``<directory>/model.safetensors`` and timm's ``config.json`` (architecture,
-    ``model_args``, ``num_classes``, preprocessing from ``data_config``); returns the weights path."""
+    ``model_args``, ``num_classes``, preprocessing from ``data_config``, ``label_names``: the class of every output);
+    returns the weights path. The weights are written atomically; both files get the umask's permissions."""
     if not hasattr(model, "pretrained_cfg"):
         raise TypeError(f"expected a model built by timm.create_model, got {type(model).__name__}")
+    if label_names is not None and len(label_names) != model.num_classes:
+        raise ValueError(f"label_names has {len(label_names)} names for {model.num_classes} model outputs")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    weights = directory / WEIGHTS_NAME
-    save_file(tensors, str(weights), metadata={"format": "pt"})
-    save_config_for_hf(model, str(directory / "config.json"), data_config=data_config)
+    weights = atomic_write(directory / WEIGHTS_NAME, lambda f: f.write(save(tensors, metadata={"format": "pt"})))
+    model_config = {"label_names": list(label_names)} if label_names is not None else None
+    save_config_for_hf(model, str(directory / CONFIG_NAME), model_config=model_config, data_config=data_config)
     return weights

@@ -2,11 +2,14 @@
 
 The optimizer lives in ``configure_optimizers`` (LightningCLI's automatic optimizer only sees ``model.parameters()``
 and cannot build parameter groups): any timm optimizer through ``timm.optim.create_optimizer_v2``, no weight decay on
-norms / biases / the model's ``no_weight_decay()`` names, optional layer-wise lr decay (fine-tuning), a per-step
-warm-up + cosine schedule, and the linear lr scaling rule. Mixup/CutMix (``timm.data.Mixup``) with soft-target
-cross-entropy, label smoothing, drop path (``model_kwargs.drop_path_rate``) and an EMA of the weights (timm's
-``ModelEmaV3``, with optional warm-up) that is evaluated alongside the raw weights (``val/*`` and ``val_ema/*``).
-Gradient clipping, precision and the strategy are Trainer settings.
+norms / biases / the model's ``no_weight_decay()`` names, optional layer-wise lr decay (fine-tuning), timm's cosine
+schedule with warm-up and cool-down updated every optimizer step, and the linear lr scaling rule. Mixup/CutMix
+(``timm.data.Mixup``) with soft-target cross-entropy, label smoothing, drop path (``model_kwargs.drop_path_rate``) and
+an EMA of the weights (timm's ``ModelEmaV3``, with optional warm-up) that is evaluated alongside the raw weights
+(``val/*`` and ``val_ema/*``). Gradient clipping, precision and the strategy are Trainer settings.
+
+A checkpoint restores only into the architecture it was trained with (``model_name``, ``model_kwargs``,
+``num_classes``); a different one is a ValueError naming the differing keys.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection, SumMetric
@@ -30,9 +35,10 @@ from torchmetrics.classification import MulticlassAccuracy
 
 import attnzoo  # noqa: F401  (registers the zoo models into timm)
 
-from .schedule import WarmupCosine, scaled_lr
+__all__ = ["ARCHITECTURE_HPARAMS", "ImageClassifier", "check_model_name", "create_step_scheduler", "scaled_lr"]
 
-__all__ = ["ImageClassifier", "check_model_name"]
+# the hyperparameters that fix the network (and so the checkpoint's keys and shapes)
+ARCHITECTURE_HPARAMS = ("model_name", "model_kwargs", "num_classes")
 
 
 def check_model_name(name: str) -> None:
@@ -42,6 +48,52 @@ def check_model_name(name: str) -> None:
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; list them with `attnzoo models` or timm.list_models()"
     raise ValueError(f"unknown model {name!r} (model.model_name){hint}")
+
+
+def scaled_lr(lr: float, global_batch_size: int, base_batch_size: int | None) -> float:
+    """Linear scaling rule: ``lr`` is given for ``base_batch_size`` images per step (``None``: no scaling)."""
+    if base_batch_size is None:
+        return lr
+    if base_batch_size < 1:
+        raise ValueError(f"base_batch_size must be positive, got {base_batch_size}")
+    return lr * global_batch_size / base_batch_size
+
+
+def create_step_scheduler(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int = 0,
+    cooldown_steps: int = 0,
+    warmup_lr: float = 0.0,
+    min_lr: float = 0.0,
+) -> Scheduler:
+    """timm's cosine scheduler counted in optimizer steps (update it with ``step_update(num_updates=step)``).
+
+    Steps ``0 .. warmup_steps`` go linearly from ``warmup_lr`` to each group's lr, a half cosine then goes to
+    ``min_lr`` at ``total_steps - cooldown_steps``, and the last ``cooldown_steps`` stay at ``min_lr``; a group's
+    ``lr_scale`` (layer decay) multiplies all three. The groups already hold the lr of step 0 on return.
+    """
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    if warmup_steps < 0 or cooldown_steps < 0 or warmup_steps + cooldown_steps > total_steps:
+        raise ValueError(
+            f"warmup_steps ({warmup_steps}) + cooldown_steps ({cooldown_steps}) must be within total_steps "
+            f"({total_steps}) and non-negative"
+        )
+    scheduler = create_scheduler_v2(
+        optimizer,
+        sched="cosine",
+        num_epochs=max(1, total_steps - warmup_steps - cooldown_steps),  # the cosine's length, after the warm-up
+        warmup_epochs=warmup_steps,
+        warmup_prefix=True,
+        warmup_lr=warmup_lr,
+        min_lr=min_lr,
+        cooldown_epochs=cooldown_steps,
+        step_on_epochs=False,
+        updates_per_epoch=1,  # every length above is in optimizer steps
+    )[0]
+    scheduler.step_update(num_updates=0)
+    return scheduler
 
 
 def _eval_metrics(num_classes: int) -> MetricCollection:
@@ -162,12 +214,6 @@ class ImageClassifier(pl.LightningModule):
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
-        data_classes = getattr(dm, "num_classes", None)
-        if data_classes is not None and data_classes != self.num_classes:
-            raise ValueError(
-                f"the dataset has {data_classes} classes but {self.hparams.model_name} has {self.num_classes} outputs; "
-                f"set model.num_classes: {data_classes}"
-            )
         if stage == "fit" and self.mixup_fn is not None and getattr(dm, "batch_size", 0) % 2:
             raise ValueError(f"mixup/cutmix need an even data.batch_size, got {dm.batch_size}")
         if self.ema is not None and "fsdp" in type(self.trainer.strategy).__name__.lower():
@@ -190,17 +236,39 @@ class ImageClassifier(pl.LightningModule):
             layer_decay=hp.layer_decay,
             **(hp.optimizer_kwargs or {}),
         )
-        for group in optimizer.param_groups:  # timm's own schedulers apply lr_scale; LambdaLR scales group["lr"]
-            group["lr"] = lr * group.get("lr_scale", 1.0)
         total = int(self.trainer.estimated_stepping_batches)
         steps_per_epoch = max(1, -(-int(self.trainer.num_training_batches) // self.trainer.accumulate_grad_batches))
         warmup = min(total, round(hp.warmup_epochs * steps_per_epoch))
         cooldown = min(total - warmup, round(hp.cooldown_epochs * steps_per_epoch))
-        schedule = WarmupCosine(
-            total, warmup, warmup_ratio=hp.warmup_lr / lr, min_ratio=hp.min_lr / lr, cooldown_steps=cooldown
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = create_step_scheduler(optimizer, total, warmup, cooldown, warmup_lr=hp.warmup_lr, min_lr=hp.min_lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler: Scheduler, metric: Any | None) -> None:
+        """timm schedulers take the number of optimizer steps done (Lightning calls this after every step)."""
+        scheduler.step_update(num_updates=self.global_step)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """ValueError naming the differing ``model.*`` keys when the checkpoint holds another architecture."""
+        saved = checkpoint.get("hyper_parameters", {})
+        differing = []
+        for key in ARCHITECTURE_HPARAMS:
+            old, new = saved.get(key), self.hparams.get(key)
+            if key == "model_kwargs":
+                old, new = old or {}, new or {}
+                differing += [
+                    f"model.model_kwargs.{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}"
+                    for k in sorted(set(old) | set(new))
+                    if old.get(k) != new.get(k)
+                ]
+            elif old != new:
+                differing.append(f"model.{key}: checkpoint {old!r}, config {new!r}")
+        if differing and "hyper_parameters" in checkpoint:
+            raise ValueError(
+                "the checkpoint was trained with another architecture than the config asks for: "
+                + "; ".join(differing)
+                + ". To resume or evaluate it, use its model.* values; to start a new training from its weights, pass "
+                "the exported weights (<run>/export/model.safetensors) as model.pretrained instead of --ckpt_path"
+            )
 
     # ------------------------------------------------------------------ training
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -8,13 +8,20 @@
   any-size models), dealt to the ranks from one global per-epoch batch list; resumable like the sampler above.
 - :class:`ShardedEvalSampler`: strided shards of an evaluation set padded to a multiple of the world size, so every
   rank runs the same number of batches; :class:`PaddedEvalDataset` marks the padded copies so that metrics skip them.
+
+With ``seeded=True`` the training samplers yield ``(index, seed)`` pairs instead of indices: ``seed`` is
+``draw_seeds(seed, epoch, ...)[position]`` for the draw's position in the epoch's global (all-rank) order, and
+:class:`SeededDataset` runs the random augmentation of that draw under it. The augmentation then depends only on
+(seed, epoch, position), not on the worker, the number of workers or where a run was resumed.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
@@ -22,10 +29,46 @@ __all__ = [
     "AspectRatioBatchSampler",
     "PaddedEvalDataset",
     "RepeatedAugSampler",
+    "SeededDataset",
     "ShardedEvalSampler",
     "check_aspect_ratios",
+    "draw_seeds",
     "nearest_aspect_bin",
 ]
+
+
+def draw_seeds(seed: int, epoch: int, shape: int | tuple[int, ...]) -> torch.Tensor:
+    """Augmentation seeds (``shape``, int64 in ``[0, 2**62)``) of the draws of one epoch, a function of ``seed`` and
+    ``epoch`` only; the sampler gives position ``p`` of the epoch's global order ``seeds.flatten()[p]``."""
+    generator = torch.Generator().manual_seed(hash((seed, epoch, 0x5EED)) & (2**63 - 1))  # int tuples hash the same
+    return torch.randint(0, 2**62, (shape,) if isinstance(shape, int) else shape, generator=generator)
+
+
+class SeededDataset(Dataset):
+    """Item ``(index, seed)`` is ``dataset[index]`` computed with the torch, ``random`` and NumPy global generators
+    seeded from ``seed`` (timm's transforms draw from all three), so a random augmentation is the same in any
+    worker; the caller's generator states are restored afterwards. A plain ``index`` reads ``dataset[index]``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        if not isinstance(key, tuple):
+            return self.dataset[key]
+        index, seed = key
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
 
 
 def _check_rank(rank: int, world_size: int) -> None:
@@ -42,6 +85,7 @@ class RepeatedAugSampler(Sampler[int]):
 
     ``resume_fn(epoch)``, when given, returns the number of batches of ``batch_size`` already trained in ``epoch``;
     iteration then starts after them (it is asked at every ``iter``, i.e. after Lightning restored a checkpoint).
+    ``seeded=True`` yields ``(index, seed)`` pairs for :class:`SeededDataset` (see :func:`draw_seeds`).
     """
 
     def __init__(
@@ -54,6 +98,7 @@ class RepeatedAugSampler(Sampler[int]):
         seed: int = 0,
         batch_size: int = 1,
         resume_fn: Callable[[int], int] | None = None,
+        seeded: bool = False,
     ) -> None:
         _check_rank(rank, world_size)
         if num_repeats < 1:
@@ -63,7 +108,7 @@ class RepeatedAugSampler(Sampler[int]):
         self.dataset_len, self.rank, self.world_size = dataset_len, rank, world_size
         self.num_repeats, self.shuffle, self.seed = num_repeats, shuffle, seed
         self.num_samples = math.ceil(dataset_len / world_size)
-        self.batch_size, self.resume_fn = batch_size, resume_fn
+        self.batch_size, self.resume_fn, self.seeded = batch_size, resume_fn, seeded
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -73,7 +118,7 @@ class RepeatedAugSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.num_samples
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.dataset_len, generator=generator)
@@ -85,7 +130,10 @@ class RepeatedAugSampler(Sampler[int]):
             repeated = torch.cat([repeated, repeated[: total - len(repeated)]])
         indices = repeated[self.rank : total : self.world_size][: self.num_samples]
         start = self.resume_fn(self.epoch) * self.batch_size if self.resume_fn is not None else 0
-        return iter(indices[start:].tolist())
+        if not self.seeded:
+            return iter(indices[start:].tolist())
+        seeds = draw_seeds(self.seed, self.epoch, total)[self.rank : total : self.world_size][: self.num_samples]
+        return zip(indices[start:].tolist(), seeds[start:].tolist())
 
 
 def check_aspect_ratios(values: Sequence[float] | torch.Tensor, name: str, distinct: bool = False) -> torch.Tensor:
@@ -130,7 +178,8 @@ class AspectRatioBatchSampler(Sampler[list[int]]):
 
     ``resume_fn(epoch)``, when given, returns the number of batches of ``epoch`` this rank already trained; the
     iteration then starts after them (asked at every ``iter``, i.e. after Lightning restored a checkpoint). Use it
-    as ``DataLoader(dataset, batch_sampler=...)``; ``len()`` is the number of batches per rank.
+    as ``DataLoader(dataset, batch_sampler=...)``; ``len()`` is the number of batches per rank. ``seeded=True``
+    yields batches of ``(index, seed)`` pairs for :class:`SeededDataset` (see :func:`draw_seeds`).
     """
 
     def __init__(
@@ -144,6 +193,7 @@ class AspectRatioBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         drop_last: bool = False,
         resume_fn: Callable[[int], int] | None = None,
+        seeded: bool = False,
     ) -> None:
         _check_rank(rank, world_size)
         if batch_size < 1:
@@ -152,6 +202,7 @@ class AspectRatioBatchSampler(Sampler[list[int]]):
         self.members = [(self.bin_ids == b).nonzero().flatten() for b in range(len(bins))]
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.shuffle, self.seed, self.drop_last, self.resume_fn = shuffle, seed, drop_last, resume_fn
+        self.seeded = seeded
         rounding = math.floor if drop_last else math.ceil
         self.num_batches = sum(rounding(len(m) / batch_size) for m in self.members)  # over all ranks, unpadded
         self.batches_per_rank = rounding(self.num_batches / world_size)
@@ -192,11 +243,18 @@ class AspectRatioBatchSampler(Sampler[list[int]]):
         total = self.batches_per_rank * self.world_size
         return batches[torch.arange(total) % len(batches)]
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[int]] | Iterator[list[tuple[int, int]]]:
         # a generator, so the batches are built at the first ``next``: on resume Lightning creates the iterator
         # before it calls ``set_epoch``
         start = self.resume_fn(self.epoch) if self.resume_fn is not None else 0
-        yield from self.global_batches()[self.rank :: self.world_size][start:].tolist()
+        batches = self.global_batches()
+        mine = batches[self.rank :: self.world_size][start:].tolist()
+        if not self.seeded:
+            yield from mine
+            return
+        seeds = draw_seeds(self.seed, self.epoch, tuple(batches.shape))[self.rank :: self.world_size][start:].tolist()
+        for batch, batch_seeds in zip(mine, seeds):
+            yield list(zip(batch, batch_seeds))
 
 
 class PaddedEvalDataset(Dataset):

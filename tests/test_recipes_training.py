@@ -101,8 +101,11 @@ def test_mixup_ema_layer_decay_and_export(tmp_path):
         tmp_path, max_epochs=1, callbacks=[export], enable_checkpointing=False, gradient_clip_val=1.0
     )
     trainer.fit(module, datamodule=make_data())
-    lrs = {g["lr_scale"] for g in trainer.optimizers[0].param_groups}
+    groups = trainer.optimizers[0].param_groups
+    lrs = {g["lr_scale"] for g in groups}
     assert min(lrs) == pytest.approx(0.75**3) and max(lrs) == 1.0  # patch embed ... head of a depth-2 ViT
+    top = max(g["lr"] for g in groups)  # the scheduler scales every group's lr by its layer decay
+    assert top > 0 and all(g["lr"] == pytest.approx(top * g["lr_scale"]) for g in groups)
     no_decay = {id(p) for g in trainer.optimizers[0].param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
     for name, param in module.model.named_parameters():  # norms, biases and no_weight_decay() names (pos_embed)
         assert (id(param) in no_decay) == (param.ndim <= 1 or name in module.model.no_weight_decay()), name
@@ -136,11 +139,11 @@ def test_crash_and_resume_equals_an_uninterrupted_run(tmp_path, num_workers):
         mixup=0.8, cutmix=1.0, label_smoothing=0.1, ema_decay=0.9, ema_warmup=True,
         model_kwargs={**TINY, "drop_path_rate": 0.2},
     )  # fmt: skip
+    # the default random augmentation (random resized crop, flip, RandAugment rand-m9-mstd0.5-inc1, random erasing)
+    data = dict(num_workers=num_workers, augment=True)
     # 96 images / 16 = 6 steps per epoch, 2 epochs; the crash comes in the middle of epoch 1
     reference = make_model(**kwargs)
-    make_trainer(tmp_path / "a", enable_checkpointing=False).fit(
-        reference, datamodule=make_data(num_workers=num_workers)
-    )
+    make_trainer(tmp_path / "a", enable_checkpointing=False).fit(reference, datamodule=make_data(**data))
 
     def checkpoints(folder):
         return ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=1, save_top_k=0)
@@ -148,7 +151,7 @@ def test_crash_and_resume_equals_an_uninterrupted_run(tmp_path, num_workers):
     crashed = make_model(**kwargs)
     with pytest.raises(RuntimeError, match="simulated crash"):
         make_trainer(tmp_path / "b", callbacks=[checkpoints(tmp_path / "ckpt"), CrashAt(8)]).fit(
-            crashed, datamodule=make_data(num_workers=num_workers)
+            crashed, datamodule=make_data(**data)
         )
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 8
@@ -156,7 +159,7 @@ def test_crash_and_resume_equals_an_uninterrupted_run(tmp_path, num_workers):
 
     resumed = make_model(**{**kwargs, "seed": 0})
     trainer = make_trainer(tmp_path / "c", callbacks=[checkpoints(tmp_path / "ckpt")])
-    trainer.fit(resumed, datamodule=make_data(num_workers=num_workers), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    trainer.fit(resumed, datamodule=make_data(**data), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert trainer.global_step == 12
     expected, got = _final_state(reference), _final_state(resumed)
     assert expected.keys() == got.keys()

@@ -13,9 +13,8 @@ from attnzoo.recipes.data import ImageDataModule
 from attnzoo.recipes.datasets import build_dataset, dataset_num_classes
 from attnzoo.recipes.embedded import EmbeddedDigits, load_embedded
 from attnzoo.recipes.export import export_for_timm
-from attnzoo.recipes.module import ImageClassifier, check_model_name
+from attnzoo.recipes.module import ImageClassifier, check_model_name, create_step_scheduler, scaled_lr
 from attnzoo.recipes.samplers import PaddedEvalDataset, RepeatedAugSampler, ShardedEvalSampler
-from attnzoo.recipes.schedule import WarmupCosine, scaled_lr
 
 
 def test_repeated_aug_sampler_shards_cover_the_epoch_and_spread_repeats():
@@ -63,13 +62,23 @@ def test_padded_eval_shards_count_every_image_once():
 
 
 def test_warmup_cosine_schedule():
-    s = WarmupCosine(total_steps=110, warmup_steps=10, warmup_ratio=0.01, min_ratio=0.1, cooldown_steps=10)
+    # lr 1 (a layer-decay group at scale 0.5 beside it), warm-up from 0.01 over 10 steps, cosine to 0.1 at step 100,
+    # cool-down at 0.1 until step 110
+    weights = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.SGD([{"params": weights[:1]}, {"params": weights[1:], "lr_scale": 0.5}], lr=1.0)
+    scheduler = create_step_scheduler(optimizer, 110, warmup_steps=10, cooldown_steps=10, warmup_lr=0.01, min_lr=0.1)
+    lrs = []
+    for step in range(110):
+        scheduler.step_update(num_updates=step)
+        lrs.append(optimizer.param_groups[0]["lr"])
+        assert optimizer.param_groups[1]["lr"] == pytest.approx(0.5 * lrs[-1])
+    s = lrs.__getitem__
     assert s(0) == pytest.approx(0.01) and s(5) == pytest.approx(0.505) and s(10) == pytest.approx(1.0)
     assert s(55) == pytest.approx(0.55) and s(100) == pytest.approx(0.1) and s(109) == pytest.approx(0.1)
     assert all(s(i) >= s(i + 1) for i in range(10, 109))
     assert scaled_lr(1e-3, 256, 1024) == pytest.approx(2.5e-4) and scaled_lr(1e-3, 256, None) == 1e-3
     with pytest.raises(ValueError, match="warmup_steps"):
-        WarmupCosine(total_steps=10, warmup_steps=8, cooldown_steps=5)
+        create_step_scheduler(optimizer, total_steps=10, warmup_steps=8, cooldown_steps=5)
 
 
 def test_embedded_digits_are_real_balanced_and_disjoint():
