@@ -82,6 +82,33 @@ def test_reference_matches_definition(size, kernel_size, dilation, use_rpb):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
 
 
+NONFINITE_CASES = [  # (tensor, entry (row, col, head, channel) or None for the whole token, value)
+    ("v", (4, 5, 0, 3), float("nan")),
+    ("v", (0, 10, 1, 0), float("inf")),
+    ("k", (4, 5, 0, 3), float("nan")),
+    ("q", (2, 2, 1, 1), float("nan")),
+]
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize(("size", "kernel_size", "dilation"), [((9, 11), (3, 3), (1, 1)), ((9, 11), (3, 5), (2, 3))])
+@pytest.mark.parametrize(("name", "entry", "value"), NONFINITE_CASES)
+def test_nonfinite_input_reaches_only_its_neighborhoods(name, entry, value, size, kernel_size, dilation, grad):
+    """A NaN / inf in one token makes non-finite exactly the outputs that see it, as in the definition (a value
+    entry ``v[j, d]``: ``out[i, d]`` of the queries whose neighborhood holds ``j``; a key: their whole rows)."""
+    inputs = dict(zip("qkv", _inputs((1, *size, 2, 8), kernel_size, False)[:3]))
+    inputs = {key: t.detach().requires_grad_(grad) for key, t in inputs.items()}
+    with torch.no_grad():
+        inputs[name][(0, *entry)] = value
+    expected = brute_force_na2d(*inputs.values(), kernel_size, dilation).detach()
+    with torch.set_grad_enabled(grad):
+        out = na2d(*inputs.values(), kernel_size, dilation, backend="reference").detach()
+    bad = ~torch.isfinite(expected)
+    assert 0 < bad.sum() < bad.numel() // 4
+    assert torch.equal(~torch.isfinite(out), bad)
+    torch.testing.assert_close(out[~bad], expected[~bad], atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize("tile", [(1, 1), (2, 3), (5, 16)])
 def test_tiling_does_not_change_the_result(tile):
     q, k, v, rpb = _inputs((1, 11, 9, 2, 4), (5, 3), True)

@@ -104,3 +104,25 @@ def test_triton_rejects_what_it_cannot_run():
     big = torch.randn(1, 3, 3, 1, 512, device=DEVICE)
     with pytest.raises(ValueError, match="head_dim"):
         na2d(big, big, big, 3, backend="triton")
+
+
+@pytest.mark.parametrize(
+    ("name", "entry", "value", "dilation"),
+    [
+        ("v", (4, 5, 0, 3), float("nan"), (1, 1)),
+        ("v", (4, 5, 0, 3), float("nan"), (2, 1)),
+        ("k", (3, 1, 0, 0), float("inf"), (1, 2)),
+    ],
+)
+def test_triton_keeps_nonfinite_inputs_in_their_neighborhoods(name, entry, value, dilation):
+    """Masked keys of a tile must not carry a NaN / inf into rows whose neighborhood does not hold them: the kernel
+    marks exactly the outputs the reference marks (a value entry: that channel; a key: whole rows)."""
+    q, k, v, _ = _inputs((1, 9, 11, 1, 16), (3, 3), False)
+    inputs = dict(q=q.detach(), k=k.detach(), v=v.detach())
+    inputs[name][(0, *entry)] = value
+    out = na2d(*inputs.values(), 3, dilation=dilation, backend="triton")
+    ref = na2d(*inputs.values(), 3, dilation=dilation, backend="reference")
+    bad = ~torch.isfinite(ref)
+    assert 0 < bad.sum() < bad.numel() // 8
+    assert torch.equal(~torch.isfinite(out), bad)
+    torch.testing.assert_close(out[~bad], ref[~bad], atol=1e-4, rtol=1e-4)

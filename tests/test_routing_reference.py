@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from attnzoo.kernels.routing import bra2d, default_scale, route, routed_attention
-from attnzoo.kernels.routing.reference import map_to_regions, regions_to_map
+from attnzoo.kernels.routing.reference import bra2d_reference, map_to_regions, regions_to_map
 from attnzoo.layers import BiLevelRoutingAttention, GlobalAttentionLePE
 
 
@@ -196,3 +196,23 @@ def test_layer_argument_errors():
         BiLevelRoutingAttention(32, num_heads=3)
     with pytest.raises(ValueError, match="side_dwconv"):
         BiLevelRoutingAttention(32, num_heads=2, side_dwconv=4)
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_nan_input_reaches_exactly_the_outputs_that_see_it(name):
+    """A NaN stays a NaN whatever path SDPA takes (its fused CPU kernel turns a small head's NaN query into zeros): a
+    query entry its own row, a value entry its channel in the query regions routed to its region, a key entry the
+    rows of those regions."""
+    q, k, v = (t.detach().float() for t in _qkv((1, 4, 4, 1, 8)))
+    {"q": q, "k": k, "v": v}[name][0, 1, 1, 0, 2] = float("nan")
+    out, index = bra2d_reference(q, k, v, 2, 2, default_scale(q))
+    torch.testing.assert_close(out, bra2d(q, k, v, 2, 2, backend="reference"), equal_nan=True)
+    reached = torch.zeros(1, 2, 2, 1, 8, dtype=torch.bool)  # per (query region row, column, head, channel)
+    if name == "q":
+        expected = torch.zeros_like(out, dtype=torch.bool)
+        expected[0, 1, 1, 0] = True
+    else:
+        routed = (index[0] == 0).any(-1).view(2, 2)  # query regions routed to region 0, which holds token (1, 1)
+        reached[0, routed] = True if name == "k" else torch.arange(8) == 2
+        expected = reached.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    assert expected.any() and torch.equal(torch.isnan(out), expected)

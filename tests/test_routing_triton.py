@@ -163,3 +163,13 @@ def test_masked_padding_matches_reference(size, dtype):
     has partial regions."""
     q, k, v = _inputs((1, *size, 2, 16), dtype=dtype)
     _compare(partial(bra2d, n_win=3, topk=2, padding="mask"), (q, k, v), dtype)
+
+
+@pytest.mark.parametrize("name", ["q", "v"])
+def test_nan_inputs_give_the_reference_nan_pattern(name):
+    q, k, v = (t.detach() for t in _inputs((1, 4, 4, 1, 8)))
+    {"q": q, "v": v}[name][0, 1, 1, 0, 2] = float("nan")
+    out = bra2d(q, k, v, 2, 2, backend="triton")
+    ref = bra2d(q, k, v, 2, 2, backend="reference")
+    assert torch.isnan(ref).any()
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, equal_nan=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..nonfinite import may_hold_nonfinite
 from .windows import TileGeometry, tile_geometry
 
 _GEOMETRY_CACHE: dict[tuple, TileGeometry] = {}
@@ -53,6 +54,24 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2, 4).reshape(B, heads, H * W, D)
 
 
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def _poisoned(q_tiles: torch.Tensor, k_tiles: torch.Tensor, v_tiles: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``(B, heads * tiles, queries, D)`` bool: the outputs the non-finite inputs reach. A non-finite query entry
+    reaches its whole output row, a non-finite key entry the whole rows of the queries whose neighborhood holds the
+    key, a non-finite value entry ``v[j, d]`` the entries ``out[i, d]`` of those queries. ``valid``: ``(tiles,
+    queries, keys)`` neighborhood membership."""
+    B, heads_tiles, keys, D = v_tiles.shape
+    tiles = valid.shape[0]
+    bad = torch.cat((~torch.isfinite(v_tiles), ~torch.isfinite(k_tiles).all(-1, keepdim=True)), -1)
+    # (B, heads, tiles, queries, keys) @ (B, heads, tiles, keys, D + 1): counts of non-finite neighbors, in fp32
+    reach = valid.float() @ bad.float().view(B, heads_tiles // tiles, tiles, keys, D + 1)
+    reach = reach.view(B, heads_tiles, -1, D + 1) > 0
+    return reach[..., :D] | reach[..., D:] | ~torch.isfinite(q_tiles).all(-1, keepdim=True)
+
+
 def na2d_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -84,6 +103,12 @@ def na2d_reference(
     q_tiles = _heads_first(q).index_select(2, query_index).view(B, heads * tiles, queries, D)
     k_tiles = _heads_first(k).index_select(2, key_index).view(B, heads * tiles, keys, D)
     v_tiles = _heads_first(v).index_select(2, key_index).view(B, heads * tiles, keys, D)
+    # a key tile is shared by every query of its tile: a non-finite key or value would reach all of them through the
+    # matmuls (0 * nan = nan), so non-finite entries are zeroed here and set back as NaN in their true neighbors only
+    nonfinite = may_hold_nonfinite([q, k, v])
+    q_tiles_raw, k_tiles_raw, v_tiles_raw = q_tiles, k_tiles, v_tiles
+    if nonfinite:
+        q_tiles, k_tiles, v_tiles = (_finite_or_zero(t) for t in (q_tiles, k_tiles, v_tiles))
 
     cells = (2 * kernel_size[0] - 1) * (2 * kernel_size[1] - 1)
     if rpb is None:
@@ -108,6 +133,8 @@ def na2d_reference(
         out = attn @ v_tiles
     else:
         out = F.scaled_dot_product_attention(q_tiles, k_tiles, v_tiles, attn_mask=bias, scale=scale)
+    if nonfinite:
+        out = out.masked_fill(_poisoned(q_tiles_raw, k_tiles_raw, v_tiles_raw, geo.bias_index != cells), float("nan"))
     rows_tile, cols_tile, rows_slot, cols_slot = geo.inverse
     inverse = (((rows_tile * num_c + cols_tile) * tile_r + rows_slot) * tile_c + cols_slot).flatten()
     out = out.view(B, heads, tiles * queries, D).index_select(2, inverse)

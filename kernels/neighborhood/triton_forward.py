@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import triton_interpreter_enabled
-from .triton_windows import dot, key_span, map_tile_offsets, tile_origin, window_contains, window_start
+from .triton_windows import dot, finite, key_span, map_tile_offsets, tile_origin, window_contains, window_start
 
 LOG2E = 1.4426950408889634
 
@@ -57,6 +57,7 @@ def _na2d_forward_kernel(
     d_ok = offs_d < D
     q_ptrs = Q + map_tile_offsets(b, n, qrow, qcol, offs_d, sqb, sqn, sqh, sqw, sqd)
     q = tl.load(q_ptrs, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+    q_finite = tl.min(finite(q).to(tl.int32), axis=1) > 0
 
     m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
@@ -78,6 +79,7 @@ def _na2d_forward_kernel(
             & k_ok[None, :]
         )
         s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # log2 units
+        s = tl.where(tl.min(finite(k).to(tl.int32), axis=1)[None, :] > 0, s, float("nan"))
         if HAS_RPB:
             rel_h = kpos_h[None, :] - qpos_h[:, None] + KERNEL_H - 1
             rel_w = kpos_w[None, :] - qpos_w[:, None] + KERNEL_W - 1
@@ -89,11 +91,16 @@ def _na2d_forward_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_finite = finite(v)
+        if tl.min(v_finite.to(tl.int32)) == 0:  # v is shared by the tile: keep its non-finite entries out of the dot
+            v = tl.where(v_finite, v, 0.0)
+            reach = tl.dot(inside.to(tl.float16), (~v_finite).to(tl.float16))  # non-finite entries per neighborhood
+            acc = tl.where(reach > 0.0, float("nan"), acc)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    out = acc / l_safe[:, None]
+    out = tl.where(q_finite[:, None], acc / l_safe[:, None], float("nan"))
     o_ptrs = Out + map_tile_offsets(b, n, qrow, qcol, offs_d, sob, son, soh, sow, sod)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
     lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453

@@ -65,3 +65,9 @@ def dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def finite(x):
+    """Elementwise: ``x`` is neither NaN nor infinite."""
+    return tl.abs(x) < float("inf")

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..nonfinite import may_hold_nonfinite
+
 
 def pad_map(x: torch.Tensor, n_win: int) -> torch.Tensor:
     """Zero-pad a ``(B, H, W, heads, D)`` map at the bottom/right to sides that are multiples of ``n_win``."""
@@ -94,7 +96,22 @@ def routed_attention_reference(
     if key_valid is not None:
         mask = key_valid[index].reshape(B * R, 1, 1, topk * T)
     out = F.scaled_dot_product_attention(q_heads, k_sel, v_sel, attn_mask=mask, scale=scale)
-    return out.view(B, R, heads, T, Dv).transpose(2, 3)
+    out = out.view(B, R, heads, T, Dv).transpose(2, 3)
+    if may_hold_nonfinite([q, k, v]):
+        out = out.masked_fill(_nan_reach(q, k, v, index), float("nan"))
+    return out
+
+
+def _nan_reach(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``(B, R, T, heads, Dv)`` bool, the outputs NaN inputs reach (whatever SDPA does with them): a NaN query entry
+    its token's row, a NaN key entry every row of the query regions routed to its region, a NaN value entry
+    ``v[..., d]`` channel ``d`` of those rows."""
+    B, R, topk = index.shape
+    batch = torch.arange(B, device=q.device).view(B, 1, 1)
+    key_nan = torch.isnan(k).any(4).any(2)[batch, index].any(2)  # (B, R, heads)
+    value_nan = torch.isnan(v).any(2)[batch, index].any(2)  # (B, R, heads, Dv)
+    rows = torch.isnan(q).any(4, keepdim=True) | key_nan[:, :, None, :, None]  # (B, R, T, heads, 1)
+    return rows | value_nan[:, :, None]
 
 
 def map_to_regions(x: torch.Tensor, n_win: int) -> torch.Tensor:
