@@ -77,6 +77,16 @@ def test_fit_validate_and_export_share_the_training_class_map(tmp_path):
     for key in ("val/top1", "val/loss"):
         assert validated[key] == pytest.approx(fit_metrics[key], abs=1e-6), key
 
+    digits = _data(tmp_path, dataset="embedded/sklearn_digits", val_split="test")  # classes '0'..'9'
+    with pytest.raises(ValueError, match=r"split 'test' labels its classes differently from training"):
+        _trainer(tmp_path).validate(_model(), datamodule=digits, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    _write_split(tmp_path / "renamed", "train", ["ant", "dog", "fish"])  # resuming on other training classes
+    _write_split(tmp_path / "renamed", "val", ["dog"])
+    with pytest.raises(ValueError, match=r"training split's classes differ from the checkpoint's \(new: \['ant'\]"):
+        _trainer(tmp_path, max_epochs=3).fit(
+            _model(), datamodule=_data(tmp_path / "renamed"), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+        )
+
     _write_split(tmp_path / "other", "train", ["cat", "dog", "fish"])
     _write_split(tmp_path / "other", "val", ["ant", "cat", "dog"])  # ant was never trained on
     with pytest.raises(ValueError, match=r"class\(es\) that training did not have: \['ant'\] \(4 images\)"):
