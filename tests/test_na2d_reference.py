@@ -3,6 +3,8 @@ argument checking, and the ``NeighborhoodAttention2d`` mixer."""
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from attnzoo.kernels import na2d
 from attnzoo.kernels.neighborhood import na2d_reference
@@ -107,6 +109,32 @@ def test_nonfinite_input_reaches_only_its_neighborhoods(name, entry, value, size
     assert 0 < bad.sum() < bad.numel() // 4
     assert torch.equal(~torch.isfinite(out), bad)
     torch.testing.assert_close(out[~bad], expected[~bad], atol=1e-10, rtol=1e-10)
+
+
+class _AllocatedBytes(TorchDispatchMode):
+    """Sums the storage bytes of every tensor the ops under it return (an upper bound of the memory they use)."""
+
+    total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.total += sum(t.untyped_storage().nbytes() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        return out
+
+
+@pytest.mark.parametrize("dilation", [(200, 200), (200, 2), (9, 11)])
+def test_dilation_past_the_map_costs_what_the_map_costs(dilation):
+    """Groups of a single position: every query sees only itself along that axis, like a dilation of the axis length,
+    and the work is bounded by the map (it used to grow with dilation**2: 2.2 GB for 9 x 11 at dilation 1000)."""
+    q, k, v, rpb = _inputs((1, 9, 11, 2, 4), (3, 3), True)
+    with torch.no_grad(), _AllocatedBytes() as allocated:
+        out = na2d(q, k, v, 3, dilation=dilation, rpb=rpb)
+    neighborhoods = q.nbytes * 9  # (B, H, W, heads, k0 * k1, D)
+    assert allocated.total < 32 * neighborhoods
+    torch.testing.assert_close(out, brute_force_na2d(q, k, v, (3, 3), dilation, rpb), atol=1e-10, rtol=1e-10)
+    with torch.no_grad():
+        clamped = na2d(q, k, v, 3, dilation=(min(dilation[0], 9), min(dilation[1], 11)), rpb=rpb)
+    assert torch.equal(out, clamped)
 
 
 @pytest.mark.parametrize("tile", [(1, 1), (2, 3), (5, 16)])

@@ -73,7 +73,9 @@ def na2d(
     Args:
         q, k, v: ``(B, H, W, heads, D)`` float tensors of one dtype (any strides).
         kernel_size: neighborhood size, int or ``(k0, k1)``, each >= 1.
-        dilation: int or ``(d0, d1)``, each >= 1.
+        dilation: int or ``(d0, d1)``, each >= 1. A dilation at least the axis length leaves every query alone in its
+            group (it sees only itself along that axis); it is clamped to the axis length, which gives the same result
+            at the cost of the map.
         stride: only 1 is supported (strided neighborhoods raise ``ValueError``).
         is_causal: only ``False`` is supported (causal neighborhoods raise ``ValueError``).
         rpb: optional relative position bias table ``(heads, 2*k0 - 1, 2*k1 - 1)``.
@@ -88,6 +90,9 @@ def na2d(
     if is_causal is not False:
         raise ValueError("is_causal must be False (causal neighborhood attention is not supported)")
     _check_inputs(q, k, v, rpb, kernel_size)
+    # a dilation >= the axis length leaves every query alone in its group (it sees only itself along that axis), as
+    # the axis length does: clamping keeps the result and the cost bounded by the map, not by the dilation
+    dilation = (max(1, min(dilation[0], q.shape[1])), max(1, min(dilation[1], q.shape[2])))
     if scale is None:
         scale = q.shape[-1] ** -0.5
     tensors = (q, k, v) if rpb is None else (q, k, v, rpb)
