@@ -1,8 +1,10 @@
 """Building blocks of the training recipe: samplers, schedule, embedded data, dataset errors, export."""
 
 import math
+import random
 from collections import Counter
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -14,7 +16,13 @@ from attnzoo.recipes.datasets import build_dataset, dataset_num_classes
 from attnzoo.recipes.embedded import EmbeddedDigits, load_embedded
 from attnzoo.recipes.export import export_for_timm
 from attnzoo.recipes.module import ImageClassifier, check_model_name, create_step_scheduler, scaled_lr
-from attnzoo.recipes.samplers import PaddedEvalDataset, RepeatedAugSampler, ShardedEvalSampler
+from attnzoo.recipes.samplers import (
+    AspectRatioBatchSampler,
+    PaddedEvalDataset,
+    RepeatedAugSampler,
+    SeededDataset,
+    ShardedEvalSampler,
+)
 
 
 def test_repeated_aug_sampler_shards_cover_the_epoch_and_spread_repeats():
@@ -43,6 +51,43 @@ def test_repeated_aug_sampler_resumes_inside_an_epoch():
     assert len(list(resumed)) == 20  # another epoch is not shortened
     with pytest.raises(ValueError, match="rank"):
         RepeatedAugSampler(5, rank=2, world_size=2)
+
+
+def test_seeded_draws_depend_on_seed_epoch_and_position_only():
+    def draws(rank, world, resume=0, epoch=1, seed=3, num_repeats=2):
+        sampler = RepeatedAugSampler(
+            12, rank, world, num_repeats=num_repeats, seed=seed, batch_size=2, resume_fn=lambda e: resume, seeded=True
+        )
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    full = draws(0, 1)
+    plain = RepeatedAugSampler(12, num_repeats=2, seed=3)
+    plain.set_epoch(1)
+    assert [i for i, _ in full] == list(plain)  # the same order as without seeds
+    assert draws(0, 1, resume=2) == full[4:]  # a resumed epoch draws the same seeds for the same positions
+    assert len({i for i, _ in full}) == 6 and len({s for _, s in full}) == 12  # repeats get other augmentations
+    assert draws(0, 1, epoch=2) != full and draws(0, 1, seed=4) != full
+    shards = [draws(r, 2) for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == sorted(full)  # the same global draws, dealt to the ranks
+    batches = list(AspectRatioBatchSampler([1.0] * 6, [1.0], batch_size=2, seed=3, seeded=True))
+    assert [len(b) for b in batches] == [2, 2, 2] and len({s for b in batches for _, s in b}) == 6
+
+    class Noise(torch.utils.data.Dataset):
+        def __getitem__(self, index):
+            return torch.rand(2), random.random(), np.random.rand()
+
+    data = SeededDataset(Noise())
+    torch.manual_seed(0)
+    first = data[(5, 123)]
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)  # another caller state (another worker): same draw
+    again = data[(5, 123)]
+    assert again[1:] == first[1:] and torch.equal(again[0], first[0])
+    assert data[(5, 124)][1] != first[1]
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    data[(5, 123)]
+    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
+    assert (np.random.get_state()[1] == states[2]).all()  # the caller's generators are left as they were
 
 
 def test_padded_eval_shards_count_every_image_once():
