@@ -30,10 +30,12 @@ def export_for_timm(
     directory: str | os.PathLike,
     data_config: dict | None = None,
     label_names: Sequence[str] | None = None,
+    model_args: dict | None = None,
 ) -> Path:
     """Write ``model``'s state dict to ``<directory>/model.safetensors`` and timm's ``config.json`` (architecture,
-    ``model_args``, ``num_classes``, preprocessing from ``data_config``, ``label_names``: the class of every output);
-    returns the weights path. The weights are written atomically; both files get the umask's permissions."""
+    ``model_args``: the keywords ``timm.create_model`` needs besides the name, ``num_classes``, preprocessing from
+    ``data_config``, ``label_names``: the class of every output); returns the weights path. The weights are written
+    atomically; both files get the umask's permissions."""
     if not hasattr(model, "pretrained_cfg"):
         raise TypeError(f"expected a model built by timm.create_model, got {type(model).__name__}")
     if label_names is not None and len(label_names) != model.num_classes:
@@ -42,5 +44,7 @@ def export_for_timm(
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     weights = atomic_write(directory / WEIGHTS_NAME, lambda f: f.write(save(tensors, metadata={"format": "pt"})))
     model_config = {"label_names": list(label_names)} if label_names is not None else None
-    save_config_for_hf(model, str(directory / CONFIG_NAME), model_config=model_config, data_config=data_config)
+    save_config_for_hf(
+        model, str(directory / CONFIG_NAME), model_config=model_config, model_args=model_args, data_config=data_config
+    )
     return weights

@@ -193,8 +193,19 @@ def build_model_with_official_weights(model_cls: type[nn.Module], variant: str, 
     name = f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture
     state_dict = read_official_checkpoint(source, model=name)
     overlay["state_dict"] = dict(state_dict)  # filters may edit the dict they get
-    model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_cfg_overlay=overlay, **kwargs)
     filter_fn = kwargs.get("pretrained_filter_fn")
+    try:
+        model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_cfg_overlay=overlay, **kwargs)
+    except RuntimeError as err:  # timm's strict load_state_dict: state the mismatch like check_loaded_keys does
+        if "Error(s) in loading state_dict" not in str(err):
+            raise
+        model = build_model_with_cfg(model_cls, variant, False, **kwargs)
+        check_loaded_keys(model, filter_fn(dict(state_dict), model) if filter_fn else state_dict, source)
+        mismatch = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise ValueError(
+            f"{source} does not fit {name}: {mismatch} (if only the classifier differs, pass the checkpoint's "
+            "class count as num_classes)"
+        ) from err
     check_loaded_keys(model, filter_fn(dict(state_dict), model) if filter_fn else state_dict, source)
     for module in model.modules():  # do not keep the loaded tensors alive through the stored cfg
         cfg = getattr(module, "pretrained_cfg", None)

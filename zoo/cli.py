@@ -1,7 +1,8 @@
 """The ``attnzoo`` console script.
 
 ``fit``, ``validate``, ``test`` and ``predict`` are the LightningCLI of :mod:`attnzoo.recipes.cli`; ``demo`` trains
-a small model on embedded digits (:mod:`attnzoo.recipes.demo`); ``profile`` and ``models`` are plain argparse.
+a small model on embedded digits (:mod:`attnzoo.recipes.demo`); ``profile``, ``convert`` and ``models`` are plain
+argparse.
 """
 
 from __future__ import annotations
@@ -33,12 +34,26 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .weights.convert import convert_checkpoint
+
+    weights = convert_checkpoint(args.model, args.src, args.out, num_classes=args.num_classes, img_size=args.img_size)
+    print(f"converted {args.src} for {args.model}: {weights} (load with timm.create_model('local-dir:{args.out}'))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnzoo", description="attnzoo: efficient-attention vision transformers.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     for name, text in LIGHTNING_COMMANDS.items():  # dispatched before argparse; listed here for --help
         commands.add_parser(name, help=f"{text}; see attnzoo {name} --help", add_help=False)
+    commands.add_parser(
+        "detect",
+        help="COCO detection / instance segmentation (LightningCLI): attnzoo detect fit|validate|test|predict "
+        "--config recipes/configs/coco/nat_tiny_mask_rcnn_1x.yaml; see attnzoo detect --help",
+        add_help=False,
+    )
     commands.add_parser(
         "demo",
         help="train a small gated ViT on 4,000 real MNIST digits (CPU, a few minutes) and report held-out top-1",
@@ -55,6 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--repeats", type=int, default=3, help="timed forward passes per model (median reported)")
     profile.set_defaults(func=_cmd_profile)
 
+    convert = commands.add_parser(
+        "convert",
+        help="convert a checkpoint (official, Hugging Face, exported) into a timm local-dir folder",
+        description="Load CHECKPOINT into MODEL through the model's checkpoint filter (official training pickles are "
+        "read without executing code) and write OUT/model.safetensors + OUT/config.json, loadable with "
+        "timm.create_model('local-dir:OUT').",
+    )
+    convert.add_argument("--model", required=True, help="registered model name, e.g. nat_tiny")
+    convert.add_argument("--src", required=True, metavar="CHECKPOINT", help="checkpoint file or exported folder")
+    convert.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty)")
+    convert.add_argument("--num-classes", type=int, default=None, help="the checkpoint's class count, if not the cfg's")
+    convert.add_argument("--img-size", type=int, default=None, help="input size the checkpoint was trained at")
+    convert.set_defaults(func=_cmd_convert)
+
     models = commands.add_parser(
         "models", help="list the registered attnzoo models", description="List attnzoo's models in timm's registry."
     )
@@ -70,6 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from attnzoo.recipes.cli import main as run_lightning_command
 
         run_lightning_command(None if from_command_line else argv)  # the DDP launcher re-runs sys.argv for the ranks
+        return 0
+    if argv and argv[0] == "detect":
+        from attnzoo.recipes.detection.cli import main as run_detection_command
+
+        run_detection_command(None if from_command_line else argv[1:])
         return 0
     if argv and argv[0] == "demo":
         from attnzoo.recipes.demo import run_training_demo
