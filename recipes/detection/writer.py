@@ -1,0 +1,126 @@
+"""Detection callbacks: the ``attnzoo detect predict`` writer (COCO results JSON, rendered PNGs) and the summary."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_only
+from pycocotools import mask as mask_utils
+from torchvision.io import write_png
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+from ..callbacks import TrainingSummary
+
+__all__ = ["DetectionSummary", "DetectionWriter", "render_detections"]
+
+_PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180)]
+
+
+def render_detections(
+    image: torch.Tensor, results: list[dict[str, Any]], names: dict[int, str], score_threshold: float = 0.5
+) -> torch.Tensor:
+    """``image`` ``(3, H, W)`` float in [0, 1] with the COCO ``results`` of score >= ``score_threshold`` drawn:
+    masks (from their RLE), boxes and ``"name score"`` labels; returns ``(3, H, W)`` uint8."""
+    canvas = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    shown = [r for r in results if r["score"] >= score_threshold]
+    if not shown:
+        return canvas
+    colors = [_PALETTE[r["category_id"] % len(_PALETTE)] for r in shown]
+    if all("segmentation" in r for r in shown):
+        rles = [{"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"].encode()} for r in shown]
+        masks = torch.from_numpy(np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1))).bool()
+        canvas = draw_segmentation_masks(canvas, masks, alpha=0.45, colors=colors)
+    boxes = torch.tensor([r["bbox"] for r in shown], dtype=torch.float32)
+    boxes[:, 2:] += boxes[:, :2]
+    labels = [f"{names.get(r['category_id'], r['category_id'])} {r['score']:.2f}" for r in shown]
+    return draw_bounding_boxes(canvas, boxes, labels=labels, colors=colors, width=2)
+
+
+class DetectionWriter(BasePredictionWriter):
+    """``attnzoo detect predict`` output: the COCO results JSON of all ranks in ``<dirpath>/detections.json``
+    (default ``<trainer.default_root_dir>``) and, with ``render`` (``--render DIR``), one PNG per image with the
+    detections of score >= ``score_threshold`` drawn (named after the image file)."""
+
+    def __init__(self, dirpath: str | None = None, render: str | None = None, score_threshold: float = 0.5) -> None:
+        super().__init__(write_interval="batch")
+        if not 0.0 <= score_threshold <= 1.0:
+            raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
+        self.dirpath, self.render, self.score_threshold = dirpath, render, score_threshold
+        self.results: list[dict[str, Any]] = []
+        self.results_path: Path | None = None
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.results = []
+        if self.render:
+            Path(self.render).mkdir(parents=True, exist_ok=True)
+
+    def _file_stem(self, trainer: pl.Trainer, image_id: int) -> str:
+        dataset = getattr(trainer.datamodule, "datasets", {}).get("predict")
+        image = dataset.base.coco.imgs.get(image_id) if dataset is not None else None
+        return Path(image["file_name"]).stem if image else f"image_{image_id}"
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        self.results.extend(prediction["results"])
+        if not self.render:
+            return
+        names = {c["id"]: c["name"] for c in getattr(pl_module, "categories", [])}
+        real = batch[2] if len(batch) > 2 else [True] * len(batch[0])
+        for image, target, is_real in zip(batch[0], batch[1], real):
+            if not bool(is_real):
+                continue
+            image_id = int(target["image_id"])
+            results = [r for r in prediction["results"] if r["image_id"] == image_id]
+            picture = render_detections(image, results, names, self.score_threshold)
+            write_png(picture, str(Path(self.render) / f"{self._file_stem(trainer, image_id)}.png"))
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        results = self.results
+        if trainer.world_size > 1 and dist.is_initialized():
+            gathered: list | None = [None] * trainer.world_size if trainer.is_global_zero else None
+            dist.gather_object(results, gathered, dst=0)
+            results = [r for part in gathered or [] for r in part]
+        if trainer.is_global_zero:
+            path = Path(self.dirpath or trainer.default_root_dir) / "detections.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(results))
+            os.replace(tmp, path)
+            self.results_path = path
+            print(f"wrote {len(results)} detections to {path}" + (f", images to {self.render}" if self.render else ""))
+
+
+class DetectionSummary(TrainingSummary):
+    """The recipe's end-of-``fit`` summary with COCO AP (box and mask) instead of top-1."""
+
+    KEYS = ("val/bbox_AP", "val/bbox_AP50", "val/segm_AP", "val/segm_AP50")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        for key in self.KEYS:
+            if key in trainer.callback_metrics:
+                self._best[key] = max(self._best.get(key, -1.0), float(trainer.callback_metrics[key]))
+
+    @rank_zero_only
+    def _print(self) -> None:
+        s = self.summary
+        lines = [f"training summary: {s['model']}, {s['steps']} steps, {s['epochs']} epochs in {s['seconds']:.0f} s"]
+        if s["images_per_second"]:
+            lines[0] += f" ({s['images_per_second']:.1f} img/s)"
+        for key in (*self.KEYS, "train/loss_epoch"):
+            if key in s["metrics"]:
+                best = f" (best {s['best'][key]:.4f})" if key in s["best"] else ""
+                lines.append(f"  {key}: {s['metrics'][key]:.4f}{best}")
+        if s["last_checkpoint"]:
+            lines.append(f"  last checkpoint: {s['last_checkpoint']}")
+        if s["log_dir"]:
+            lines.append(f"  logs: {s['log_dir']}")
+        print("\n".join(lines), flush=True)
