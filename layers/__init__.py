@@ -5,8 +5,8 @@ from .attention import Attention
 from .backbone import HierarchicalVisionTransformer, Stage, build_stages
 from .block import ConvPosEnc, TransformerBlock
 from .downsample import ConvDownsample, PatchMerging
-from .gate import GATE_MODES, OutputGate, create_gate
-from .mixer import create_mixer, get_mixer, list_mixers, register_mixer
+from .gate import GATE_MODES, OutputGate, create_gate, gate_output
+from .mixer import check_no_attn_mask, create_mixer, get_mixer, list_mixers, register_mixer
 from .neighborhood_attention import NeighborhoodAttention2d
 from .pooling_mixer import PoolingMixer
 from .routing_attention import BiLevelRoutingAttention, GlobalAttentionLePE
@@ -29,6 +29,7 @@ from .tome_patch import (
     apply_token_merging,
     remove_token_merging,
 )
+from .vit_intermediates import BlockLoop, vit_forward_intermediates
 from .window_attention import WindowAttention2d
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "AgentAttention",
     "Attention",
     "BiLevelRoutingAttention",
+    "BlockLoop",
     "ConvDownsample",
     "ConvPosEnc",
     "ConvStem",
@@ -58,9 +60,11 @@ __all__ = [
     "apply_token_merging",
     "bipartite_soft_matching",
     "build_stages",
+    "check_no_attn_mask",
     "convert_agent_biases",
     "create_gate",
     "create_mixer",
+    "gate_output",
     "get_mixer",
     "list_mixers",
     "merge_schedule",
@@ -72,4 +76,5 @@ __all__ = [
     "resize_agent_bias",
     "token_map_to_source",
     "unmerge_tokens",
+    "vit_forward_intermediates",
 ]

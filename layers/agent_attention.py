@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from .gate import create_gate
-from .mixer import register_mixer
+from .mixer import check_no_attn_mask, register_mixer
 
 __all__ = ["AGENT_BIAS_NAMES", "AgentAttention", "convert_agent_biases", "resize_agent_bias"]
 
@@ -180,10 +180,17 @@ class AgentAttention(nn.Module):
             out = self.gate(tokens, out)
         return self.proj_drop(self.proj(out))
 
-    def forward(self, x: torch.Tensor, feat_size: list[int] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        feat_size: list[int] | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
         """``x``: a map ``(B, H, W, C)``, or tokens ``(B, P + H*W, C)`` with ``P = num_prefix_tokens`` leading
         (class) tokens and the patch grid ``feat_size = (H, W)`` (inferred when the grid is square). Returns the
         input's shape."""
+        check_no_attn_mask(attn_mask, is_causal)
         if x.ndim == 4:
             if self.num_prefix_tokens > 0:
                 raise ValueError("an AgentAttention with prefix tokens takes tokens (B, P + H*W, C) and feat_size")

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm
 
-from .gate import create_gate
+from .gate import create_gate, gate_output
 from .mixer import register_mixer
 
 
@@ -58,26 +58,41 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * self.attn_dim, bias=qkv_bias, **dd)
         self.q_norm = norm_layer(head_dim, **dd) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(head_dim, **dd) if qk_norm else nn.Identity()
-        self.attn_drop = attn_drop
+        self.attn_drop = nn.Dropout(attn_drop)
         self.norm = norm_layer(self.attn_dim, **dd) if scale_norm else nn.Identity()
         self.gate = create_gate(gate, dim, num_heads, head_dim, bias=qkv_bias, **dd)
         self.proj = nn.Linear(self.attn_dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        """``x``: ``(B, N, C)`` or ``(B, H, W, C)``; ``attn_mask``: bool or additive float, broadcastable to
-        ``(B, heads, N, N)``. Returns the input's shape."""
-        shape = list(x.shape)
-        tokens = x.flatten(1, -2)
-        B, N, _ = tokens.shape
-        q, k, v = self.qkv(tokens).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    def _attend(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention core, ``qkv -> SDPA -> norm -> gate``, on tokens ``x`` ``(B, N, C)``.
+
+        Returns the output before the projection ``(B, N, heads * head_dim)`` and the keys ``(B, heads, N,
+        head_dim)`` (token merging's similarity metric). Reads only the sub-modules and attributes that timm's
+        ``Attention`` has too (its ``gate`` is a plain ``Linear``, elementwise), so token merging runs it on either.
+        """
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0, is_causal=is_causal
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0, is_causal=is_causal
         )
         out = self.norm(out.transpose(1, 2).reshape(B, N, self.attn_dim))
         if self.gate is not None:
-            out = self.gate(tokens, out)
+            out = gate_output(out, F.linear(x, self.gate.weight, self.gate.bias), self.num_heads)
+        return out, k
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        feat_size: list[int] | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """``x``: ``(B, N, C)`` or ``(B, H, W, C)``; ``attn_mask``: bool or additive float, broadcastable to
+        ``(B, heads, N, N)``; ``feat_size`` is not needed (global attention). Returns the input's shape."""
+        out, _ = self._attend(x.flatten(1, -2), attn_mask, is_causal)
         out = self.proj_drop(self.proj(out))
-        shape[-1] = out.shape[-1]
-        return out.view(shape)
+        return out.view(x.shape[:-1] + out.shape[-1:])

@@ -73,7 +73,8 @@ class HierarchicalVisionTransformer(nn.Module):
         stage_strides: stride of each stage's downsampling (default: 1 for the first stage, 2 after).
         norm_layer: final channels-last norm on the last stage (``None``: no final norm).
         num_classes, global_pool, drop_rate: classifier head (timm ``ClassifierHead`` on NHWC maps;
-            ``global_pool="simpool"``: SimPool attention pooling, :class:`attnzoo.layers.SimPoolClassifierHead`).
+            ``global_pool="simpool"``: SimPool attention pooling, :class:`attnzoo.layers.SimPoolClassifierHead`);
+            ``reset_classifier`` switches between all of them.
 
     ``forward_features`` returns an NHWC map (``output_fmt = "NHWC"``); ``forward_intermediates`` returns stage
     outputs in NCHW (default) or NHWC.
@@ -160,6 +161,14 @@ class HierarchicalVisionTransformer(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
+        if global_pool == "simpool" and not isinstance(self.head, SimPoolClassifierHead):
+            self.head = SimPoolClassifierHead(
+                self.num_features,
+                num_classes,
+                drop_rate=self.drop_rate,
+                input_fmt="NHWC",
+                **get_device_dtype(self),
+            ).train(self.training)
         self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features, **get_device_dtype(self))
         self.head_hidden_size = self.head.num_features
         if global_pool is not None:

@@ -8,8 +8,6 @@ Works channels-last on maps ``(B, H, W, C)`` and on token sequences ``(B, N, C)`
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, LayerNorm, LayerScale, Mlp
@@ -30,8 +28,9 @@ class ConvPosEnc(nn.Conv2d):
 class TransformerBlock(nn.Module):
     """Pre-norm block around any token mixer.
 
-    ``attn_mask``/``is_causal`` of ``forward`` reach mixers whose ``forward`` takes an ``attn_mask`` argument
-    (sequence attention); passing them to a block whose mixer takes none raises ``ValueError``.
+    ``forward(x, feat_size, attn_mask, is_causal)`` hands its arguments to the mixer in the one call form of every
+    token mixer (see :mod:`attnzoo.layers.mixer`): the patch grid of a token sequence, and attention masks, which a
+    mixer that takes none rejects with ``ValueError``.
 
     Args:
         dim: channels.
@@ -42,8 +41,6 @@ class TransformerBlock(nn.Module):
         cpe_kernel_size: kernel of the conditional position encoding applied first (maps only); 0 disables it.
         proj_drop: dropout after the MLP layers.
     """
-
-    __constants__ = ["mixer_takes_mask"]  # TorchScript compiles only the mixer call that can run
 
     def __init__(
         self,
@@ -66,7 +63,6 @@ class TransformerBlock(nn.Module):
         self.pos_embed = ConvPosEnc(dim, cpe_kernel_size, **dd) if cpe_kernel_size else nn.Identity()
         self.norm1 = norm_layer(dim, **dd)
         self.attn = mixer
-        self.mixer_takes_mask = "attn_mask" in inspect.signature(mixer.forward).parameters
         self.ls1 = LayerScale(dim, layer_scale_init_value, **dd) if layer_scale_init_value else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)
@@ -81,14 +77,14 @@ class TransformerBlock(nn.Module):
         self.ls2 = LayerScale(dim, layer_scale_init_value, **dd) if layer_scale_init_value else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        """``x``: ``(B, H, W, C)`` or ``(B, N, C)``; ``attn_mask``/``is_causal`` go to mixers that take them."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        feat_size: list[int] | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """``x``: ``(B, H, W, C)`` or ``(B, N, C)``; ``feat_size``, ``attn_mask``, ``is_causal`` go to the mixer."""
         x = self.pos_embed(x)
-        if self.mixer_takes_mask:
-            mixed = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
-        elif attn_mask is None and not is_causal:
-            mixed = self.attn(self.norm1(x))
-        else:
-            raise ValueError("attn_mask/is_causal given, but this block's token mixer takes no attention mask")
-        x = x + self.drop_path1(self.ls1(mixed))
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), feat_size, attn_mask, is_causal)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

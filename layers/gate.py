@@ -15,6 +15,15 @@ import torch.nn.functional as F
 GATE_MODES = ("none", "headwise", "elementwise")
 
 
+def gate_output(y: torch.Tensor, logits: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``y * sigmoid(logits)`` for ``y`` ``(..., heads * head_dim)``: ``logits`` ``(..., heads * head_dim)`` gate every
+    element, ``(..., heads)`` every head."""
+    gate = torch.sigmoid(logits)
+    if gate.shape[-1] == y.shape[-1]:
+        return y * gate
+    return (y.unflatten(-1, (num_heads, y.shape[-1] // num_heads)) * gate.unsqueeze(-1)).flatten(-2)
+
+
 class OutputGate(nn.Linear):
     """Sigmoid gate on a per-head output.
 
@@ -51,10 +60,7 @@ class OutputGate(nn.Linear):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Gate ``y`` of shape ``(..., heads * head_dim)`` with gate input ``x`` of shape ``(..., dim)``."""
-        gate = torch.sigmoid(F.linear(x, self.weight, self.bias))
-        if self.mode == "headwise":
-            return (y.unflatten(-1, (self.num_heads, self.head_dim)) * gate.unsqueeze(-1)).flatten(-2)
-        return y * gate
+        return gate_output(y, F.linear(x, self.weight, self.bias), self.num_heads)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mode={self.mode}"

@@ -5,12 +5,20 @@ any mixer plugs into any stage of :class:`attnzoo.layers.HierarchicalVisionTrans
 name. Every mixer class registered here is constructed as ``cls(dim, num_heads=..., gate=..., device=..., dtype=...,
 **kind_specific_kwargs)`` and may expose ``no_weight_decay() -> set[str]`` naming its own parameters (relative
 position tables, ...) that should not be decayed.
+
+Every mixer is called the same way, ``mixer(x, feat_size=None, attn_mask=None, is_causal=False)``:
+
+* ``feat_size``: the patch grid ``[H, W]`` of a token sequence ``(B, P + H*W, C)`` (plain ViTs with ``P`` prefix
+  tokens); mixers that need no grid, or take maps (which carry it), ignore it;
+* ``attn_mask`` / ``is_causal``: as in ``F.scaled_dot_product_attention``, for mixers that attend over a whole
+  sequence; the others raise ``ValueError`` when given one (:func:`check_no_attn_mask`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn as nn
 
 _MIXERS: dict[str, Callable[..., nn.Module]] = {}
@@ -44,3 +52,9 @@ def get_mixer(name: str) -> Callable[..., nn.Module]:
 def create_mixer(name: str, dim: int, num_heads: int, **kwargs) -> nn.Module:
     """Build the mixer registered under ``name`` for ``dim`` channels and ``num_heads`` heads."""
     return get_mixer(name)(dim, num_heads=num_heads, **kwargs)
+
+
+def check_no_attn_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
+    """Raise ``ValueError`` if a mask reaches a token mixer that takes none."""
+    if attn_mask is not None or is_causal:
+        raise ValueError("attn_mask/is_causal given, but this token mixer takes no attention mask")

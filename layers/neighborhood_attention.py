@@ -15,7 +15,7 @@ from timm.layers import trunc_normal_
 from attnzoo.kernels.neighborhood import na2d, na2d_reference
 
 from .gate import create_gate
-from .mixer import register_mixer
+from .mixer import check_no_attn_mask, register_mixer
 
 
 def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
@@ -93,8 +93,15 @@ class NeighborhoodAttention2d(nn.Module):
         d1 = max(1, min(self.dilation[1], width // self.kernel_size[1]))
         return d0, d1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        feat_size: list[int] | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
         """``x``: ``(B, H, W, C)`` for any ``H, W``. Returns ``(B, H, W, C)``."""
+        check_no_attn_mask(attn_mask, is_causal)
         B, H, W, C = x.shape
         q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
         dilation = self.effective_dilation(H, W)

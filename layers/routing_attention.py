@@ -27,7 +27,7 @@ from attnzoo.kernels.routing.reference import bra2d_reference
 
 from .attention import Attention
 from .gate import create_gate
-from .mixer import register_mixer
+from .mixer import check_no_attn_mask, register_mixer
 
 
 def _depthwise(dim: int, kernel_size: int, device=None, dtype=None) -> nn.Conv2d:
@@ -99,8 +99,15 @@ class BiLevelRoutingAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        feat_size: list[int] | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
         """``x``: ``(B, H, W, dim)`` for any ``H, W``. Returns ``(B, H, W, dim)``."""
+        check_no_attn_mask(attn_mask, is_causal)
         B, H, W, C = x.shape
         pad_h, pad_w = (0, 0) if self.padding == "mask" else ((-H) % self.n_win, (-W) % self.n_win)
         if pad_h or pad_w:
@@ -163,15 +170,16 @@ class GlobalAttentionLePE(Attention):
         )
         self.lepe = _depthwise(dim, side_dwconv, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``(B, H, W, C)``. Returns ``(B, H, W, C)``."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        feat_size: list[int] | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """``x``: ``(B, H, W, C)``; ``attn_mask`` as :class:`Attention`'s over the ``H*W`` tokens. Returns
+        ``(B, H, W, C)``."""
         B, H, W, C = x.shape
-        tokens = x.reshape(B, H * W, C)
-        q, k, v = self.qkv(tokens).view(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        out = self.norm(out.transpose(1, 2).reshape(B, H * W, self.attn_dim))
-        if self.gate is not None:
-            out = self.gate(tokens, out)
+        out, _ = self._attend(x.reshape(B, H * W, C), attn_mask, is_causal)
         out = out.view(B, H, W, self.attn_dim) + self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.proj_drop(self.proj(out))

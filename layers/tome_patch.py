@@ -4,9 +4,10 @@ The patch swaps the model's class for a subclass whose block loop merges tokens 
 blocks, their parameters and the state-dict keys stay as they are. A block that merges nothing runs its own
 ``forward`` (with the ``log(size)`` proportional-attention mask once tokens carry sizes), so a zero schedule is exactly
 the unpatched model. A merging block is evaluated from its own sub-modules in the pre-norm order
-``x + drop_path(ls1(attn(norm1(x))))``, merge, ``x + drop_path(ls2(mlp(norm2(x))))`` with the attention re-computed
-to expose its keys: ``q_norm``/``k_norm`` (qk-norm models), the attention ``norm`` (scale-norm), output gates and
-LayerScale are all honoured. Supported blocks are timm's ``Block`` with timm's ``Attention`` and attnzoo's
+``x + drop_path(ls1(attn(norm1(x))))``, merge, ``x + drop_path(ls2(mlp(norm2(x))))``, its attention through attnzoo's
+attention core (:meth:`attnzoo.layers.Attention._attend`, which also returns the keys ToMe matches on):
+``q_norm``/``k_norm`` (qk-norm models), the attention ``norm`` (scale-norm), output gates and LayerScale are all
+honoured. Supported blocks are timm's ``Block`` with timm's ``Attention`` and attnzoo's
 ``TransformerBlock`` (without conditional position encoding) with attnzoo's ``Attention``; anything else raises
 ``TypeError`` instead of silently computing something different.
 """
@@ -18,16 +19,13 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import Attention as TimmAttention
 from timm.models import checkpoint
-from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import VisionTransformer
 
 from .attention import Attention
 from .block import TransformerBlock
-from .gate import OutputGate
 from .token_merging import (
     bipartite_soft_matching,
     merge_schedule,
@@ -36,6 +34,7 @@ from .token_merging import (
     proportional_attention_mask,
     unmerge_tokens,
 )
+from .vit_intermediates import vit_forward_intermediates
 
 __all__ = [
     "MergedTokens",
@@ -46,7 +45,7 @@ __all__ = [
 ]
 
 _BLOCK_TYPES = (TimmBlock, TransformerBlock)
-_ATTENTION_TYPES = (TimmAttention, Attention)
+_ATTENTION_FORWARDS = (TimmAttention.forward, Attention.forward)  # classes computing exactly the attention core
 
 
 class MergedTokens(NamedTuple):
@@ -62,20 +61,9 @@ class MergedTokens(NamedTuple):
     token_map: torch.Tensor
 
 
-def _attention_with_keys(attn: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None):
-    """The attention module's output for ``x`` ``(B, N, C)`` and its keys averaged over heads ``(B, N, head_dim)``."""
-    B, N, _ = x.shape
-    q, k, v = attn.qkv(x).view(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    dropout = attn.attn_drop if isinstance(attn.attn_drop, float) else attn.attn_drop.p
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout if attn.training else 0.0)
-    out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim))
-    gate = getattr(attn, "gate", None)
-    if isinstance(gate, OutputGate):
-        out = gate(x, out)
-    elif gate is not None:  # timm's elementwise gate: a Linear on the attention input
-        out = out * torch.sigmoid(gate(x))
-    return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
+def _block_with_mask(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    """``block(x, attn_mask=...)`` with positional arguments (for ``checkpoint``)."""
+    return block(x, attn_mask=attn_mask)
 
 
 def _merging_block(
@@ -89,9 +77,10 @@ def _merging_block(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One pre-norm block that merges ``r`` tokens between its attention and its MLP."""
     mask = proportional_attention_mask(size, x.dtype) if prop_attn and size is not None else None
-    mixed, keys = _attention_with_keys(block.attn, block.norm1(x), mask)
-    x = x + block.drop_path1(block.ls1(mixed))
-    plan = bipartite_soft_matching(keys, r, num_prefix)
+    attn = block.attn  # attnzoo's or timm's Attention: the attnzoo core runs on both (see Attention._attend)
+    out, keys = Attention._attend(attn, block.norm1(x), mask)
+    x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out))))
+    plan = bipartite_soft_matching(keys.mean(dim=1), r, num_prefix)
     if token_map is not None:
         token_map = merge_token_map(token_map, plan, x.shape[1])
     x, size = merge_tokens(x, plan, size)
@@ -110,7 +99,7 @@ def _check_supported(model: nn.Module) -> None:
             )
         if isinstance(block, TransformerBlock) and not isinstance(block.pos_embed, nn.Identity):
             raise TypeError(f"block {i} has a conditional position encoding, which needs a full token map")
-        if type(block.attn) not in _ATTENTION_TYPES:
+        if type(block.attn).forward not in _ATTENTION_FORWARDS:
             raise TypeError(
                 f"token merging supports timm and attnzoo Attention, block {i} has {type(block.attn).__name__}"
             )
@@ -168,7 +157,7 @@ class TokenMergingMixin:
                 x, size, token_map = checkpoint(_merging_block, *args) if use_checkpoint else _merging_block(*args)
             elif size is not None and self.tome_prop_attn:
                 mask = proportional_attention_mask(size, x.dtype)
-                x = checkpoint(block, x, mask) if use_checkpoint else block(x, attn_mask=mask)
+                x = checkpoint(_block_with_mask, block, x, mask) if use_checkpoint else block(x, attn_mask=mask)
             else:
                 x = checkpoint(block, x) if use_checkpoint else block(x)
             if i in take_indices:
@@ -222,31 +211,23 @@ class TokenMergingMixin:
                 attn_mask=attn_mask,
                 is_causal=is_causal,
             )
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        B, _, height, width = x.shape
-        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
-        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
-        x, _, _, intermediates = self._merge_blocks(x, blocks, take_indices, track=True, norm=norm)
-        npt = self.num_prefix_tokens
-        prefix_tokens = [y[:, :npt] for y in intermediates] if npt else None
-        intermediates = [y[:, npt:] for y in intermediates]
-        if output_fmt == "NCHW":
-            H, W = self.patch_embed.dynamic_feat_size((height, width))
-            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
-        if output_dict:
-            result: dict[str, Any] = {"image_intermediates": intermediates}
-            if prefix_tokens is not None and return_prefix_tokens:
-                result["image_intermediates_prefix"] = prefix_tokens
-            if not intermediates_only:
-                result["image_features"] = self.norm(x)
-            return result
-        if return_prefix_tokens and prefix_tokens is not None:
-            intermediates = list(zip(intermediates, prefix_tokens))
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
+
+        def loop(x, blocks, take_indices, norm, grid):
+            x, _, _, intermediates = self._merge_blocks(x, blocks, take_indices, track=True, norm=norm)
+            return x, intermediates
+
+        return vit_forward_intermediates(
+            self,
+            x,
+            loop,
+            indices,
+            return_prefix_tokens=return_prefix_tokens,
+            norm=norm,
+            stop_early=stop_early,
+            output_fmt=output_fmt,
+            intermediates_only=intermediates_only,
+            output_dict=output_dict,
+        )
 
 
 class ToMeVisionTransformer(TokenMergingMixin, VisionTransformer):

@@ -11,6 +11,7 @@ from attnzoo.layers import (
     ConvDownsample,
     ConvStem,
     HierarchicalVisionTransformer,
+    SimPool,
     TransformerBlock,
     build_stages,
     create_mixer,
@@ -115,6 +116,19 @@ def test_head_api(model):
     assert model(x).shape == feats.shape
     model.reset_classifier(5, "max")
     assert model(x).shape == (1, 5) and model.global_pool == "max"
+
+
+def test_reset_classifier_switches_to_simpool_and_back(model):
+    """A backbone built with average pooling takes SimPool through reset_classifier (and returns to timm pooling)."""
+    x = torch.randn(2, 3, 64, 64)
+    feats = model.forward_features(x)
+    model.reset_classifier(5, "simpool")
+    assert isinstance(model.head.global_pool, SimPool) and model.global_pool == "simpool"
+    pooled = model.forward_head(feats, pre_logits=True)
+    torch.testing.assert_close(pooled, model.head.global_pool(feats))
+    torch.testing.assert_close(model(x), model.head.fc(pooled))
+    model.reset_classifier(5, "avg")
+    torch.testing.assert_close(model.forward_head(feats, pre_logits=True), feats.mean((1, 2)))
 
 
 def test_group_matcher_and_no_weight_decay():

@@ -314,6 +314,12 @@ def test_model_default_cfgs(model_name):
         assert outputs.ndim == 4, f"reset_classifier(0, '') output {tuple(outputs.shape)} is not a map"
         assert tuple(outputs.shape[a] for a in spatial_axis) == tuple(pool_size)
 
+        # every hierarchical model switches to SimPool attention pooling and back
+        model.reset_classifier(3, "simpool")
+        assert model(input_tensor).shape == (batch_size, 3), "reset_classifier(3, 'simpool') output shape"
+        model.reset_classifier(3, "avg")
+        assert model(input_tensor).shape == (batch_size, 3), "reset_classifier(3, 'avg') after simpool"
+
     # classifier (and pooling) removed through the constructor
     model = _meta_model(model_name, num_classes=0)
     outputs = model(input_tensor)

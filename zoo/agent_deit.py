@@ -14,7 +14,7 @@ B 0.3 (default here 0, as in timm).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -22,33 +22,21 @@ import torch
 import torch.nn as nn
 from timm.layers import LayerNorm, Mlp
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 from attnzoo._agent_cfg import agent_cfg
-from attnzoo.layers import AgentAttention, Attention, TransformerBlock, convert_agent_biases
+from attnzoo.layers import (
+    AgentAttention,
+    Attention,
+    TransformerBlock,
+    convert_agent_biases,
+    vit_forward_intermediates,
+)
 from attnzoo.weights import build_model_with_official_weights, unwrap_state_dict
 
-__all__ = ["AgentViTBlock", "AgentVisionTransformer", "agent_vit_block", "checkpoint_filter_fn"]
-
-
-class AgentViTBlock(TransformerBlock):
-    """A ViT block whose ``forward`` takes the patch grid ``feat_size = (H, W)`` of its ``(B, P + H*W, C)`` tokens
-    and hands it to an agent mixer (a plain attention mixer ignores it)."""
-
-    __constants__ = ["mixer_takes_mask", "mixer_is_agent"]
-
-    def __init__(self, dim: int, mixer: nn.Module, **kwargs: Any) -> None:
-        super().__init__(dim, mixer, **kwargs)
-        self.mixer_is_agent = isinstance(mixer, AgentAttention)
-
-    def forward(self, x: torch.Tensor, feat_size: list[int] | None = None) -> torch.Tensor:  # type: ignore[override]
-        """``x``: ``(B, P + H*W, C)``; ``feat_size``: the patch grid ``(H, W)`` (None: square)."""
-        mixed = self.attn(self.norm1(x), feat_size) if self.mixer_is_agent else self.attn(self.norm1(x))
-        x = x + self.drop_path1(self.ls1(mixed))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+__all__ = ["AgentVisionTransformer", "agent_vit_block", "checkpoint_filter_fn"]
 
 
 def agent_vit_block(
@@ -76,7 +64,7 @@ def agent_vit_block(
     gate: str = "none",
     device=None,
     dtype=None,
-) -> AgentViTBlock:
+) -> TransformerBlock:
     """One block for ``VisionTransformer(block_fn=...)``: agent attention when ``depth`` (the block index timm
     passes) is below ``agent_layers``, plain attention otherwise. ``attn_layer`` is accepted and unused."""
     if qk_norm or scale_attn_norm or scale_mlp_norm:
@@ -95,7 +83,7 @@ def agent_vit_block(
         )
     else:
         mixer = Attention(dim, attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer, **common)
-    return AgentViTBlock(
+    return TransformerBlock(
         dim,
         mixer,
         mlp_ratio=mlp_ratio,
@@ -111,7 +99,7 @@ def agent_vit_block(
 
 
 class AgentVisionTransformer(VisionTransformer):
-    """timm ``VisionTransformer`` whose blocks receive the patch grid ``(H, W)`` (see :class:`AgentViTBlock`).
+    """timm ``VisionTransformer`` whose blocks receive the patch grid: ``block(x, feat_size=[H, W])``.
 
     Attention masks and patch dropout are not supported (agents are pooled on the full patch grid).
     """
@@ -131,10 +119,22 @@ class AgentVisionTransformer(VisionTransformer):
         x = self._pos_embed(x)
         return self.norm_pre(self.patch_drop(x)), feat_size
 
+    def _run_blocks(
+        self, x: torch.Tensor, blocks: nn.Module, take_indices: Sequence[int], norm: bool, feat_size: list[int]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``blocks`` on tokens ``x`` of the patch grid ``feat_size``; the outputs of the blocks in
+        ``take_indices`` (normed if ``norm``) are collected (see :data:`attnzoo.layers.BlockLoop`)."""
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            x = checkpoint(blk, x, feat_size) if self.grad_checkpointing else blk(x, feat_size)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        return x, intermediates
+
     def forward_features(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
-        """``(B, C, H, W)`` image -> ``(B, P + H/16 * W/16, embed_dim)`` normed tokens."""
+        """``(B, C, H, W)`` image -> ``(B, P + ceil(H/16) * ceil(W/16), embed_dim)`` normed tokens."""
         if attn_mask is not None or is_causal:
             raise ValueError("attn_mask / is_causal are not supported by Agent-DeiT")
         x, feat_size = self._embed(x)
@@ -159,38 +159,20 @@ class AgentVisionTransformer(VisionTransformer):
         is_causal: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]] | dict[str, Any]:
         """Block outputs (``indices``: last n if int, all if None) as NCHW maps or NLC tokens, as timm's ViT."""
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         if attn_mask is not None or is_causal:
             raise ValueError("attn_mask / is_causal are not supported by Agent-DeiT")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        B = x.shape[0]
-        x, feat_size = self._embed(x)
-        blocks = self.blocks if not stop_early else self.blocks[: max_index + 1]
-        intermediates = []
-        for i, blk in enumerate(blocks):
-            x = checkpoint(blk, x, feat_size) if self.grad_checkpointing else blk(x, feat_size)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm else x)
-
-        P = self.num_prefix_tokens
-        prefix_tokens = [y[:, :P] for y in intermediates] if P else None
-        intermediates = [y[:, P:] for y in intermediates]
-        if output_fmt == "NCHW":
-            H, W = feat_size
-            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
-        if output_dict:
-            result: dict[str, Any] = {"image_intermediates": intermediates}
-            if prefix_tokens is not None and return_prefix_tokens:
-                result["image_intermediates_prefix"] = prefix_tokens
-            if not intermediates_only:
-                result["image_features"] = self.norm(x)
-            return result
-        if return_prefix_tokens and prefix_tokens is not None:
-            intermediates = list(zip(intermediates, prefix_tokens))
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
+        return vit_forward_intermediates(
+            self,
+            x,
+            self._run_blocks,
+            indices,
+            return_prefix_tokens=return_prefix_tokens,
+            norm=norm,
+            stop_early=stop_early,
+            output_fmt=output_fmt,
+            intermediates_only=intermediates_only,
+            output_dict=output_dict,
+        )
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VisionTransformer) -> dict[str, torch.Tensor]:
@@ -206,6 +188,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VisionTransformer
 def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs: Any) -> AgentVisionTransformer:
     out_indices = kwargs.pop("out_indices", 3)
     kwargs.setdefault("dynamic_img_size", True)
+    kwargs.setdefault("dynamic_img_pad", True)
     img_size = kwargs.get("img_size", 224)
     img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     patch_size = kwargs.get("patch_size", 16)

@@ -4,93 +4,62 @@ Output gate of Qiu et al., 2025 ("Gated Attention for Large Language Models", G1
 (Touvron et al., 2021): every block's attention output is multiplied by ``sigmoid(x W_g)`` (per element by default,
 ``gate="headwise"`` for one gate per head, ``gate="none"`` for a plain DeiT) before the output projection.
 
-The model is timm's ``VisionTransformer`` (so it has its whole API: ``forward_intermediates``, ``features_only``,
-``dynamic_img_size``, position-embedding resampling, timm/DeiT checkpoint conversion) with its blocks built from
-attnzoo's shared ``TransformerBlock`` and gated ``Attention``.
+The model is timm's ``VisionTransformer`` with timm's ``Block`` (so it has timm's whole ViT API:
+``forward_intermediates``, ``features_only``, ``dynamic_img_size``, position-embedding resampling, timm/DeiT
+checkpoint conversion, attention masks); the gate lives in the attention class timm's blocks build (``attn_layer``):
+attnzoo's :class:`~attnzoo.layers.Attention` with the chosen gate, and timm's own ``Attention`` for ``gate="none"``,
+which makes that model exactly timm's DeiT. Inputs whose sides are not multiples of 16 are zero-padded at the
+bottom/right to whole patches (timm's ``dynamic_img_pad``).
 """
 
 from __future__ import annotations
 
-from functools import partial
+from typing import Any
 
-import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerNorm, Mlp
+from timm.layers import Attention as TimmAttention
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from attnzoo.layers import Attention, TransformerBlock
+from attnzoo.layers import GATE_MODES, Attention
 from attnzoo.weights import build_model_with_official_weights
 
-__all__ = ["gated_vit_block"]
+__all__ = ["ElementwiseGatedAttention", "HeadwiseGatedAttention", "gated_attention_layer"]
 
 
-def gated_vit_block(
-    dim: int,
-    num_heads: int,
-    mlp_ratio: float = 4.0,
-    qkv_bias: bool = True,
-    qk_norm: bool = False,
-    scale_attn_norm: bool = False,
-    scale_mlp_norm: bool = False,
-    proj_bias: bool = True,
-    init_values: float | None = None,
-    proj_drop: float = 0.0,
-    attn_drop: float = 0.0,
-    drop_path: float = 0.0,
-    norm_layer: type[nn.Module] = LayerNorm,
-    act_layer: type[nn.Module] = nn.GELU,
-    mlp_layer: type[nn.Module] = Mlp,
-    attn_layer: object = None,
-    depth: int = 0,
-    gate: str = "elementwise",
-    device=None,
-    dtype=None,
-) -> TransformerBlock:
-    """Build one block for timm's ``VisionTransformer(block_fn=...)`` from attnzoo's block and gated attention.
+class ElementwiseGatedAttention(Attention):
+    """:class:`~attnzoo.layers.Attention` with an elementwise output gate, as a class (timm's ``attn_layer``)."""
 
-    Takes the keyword arguments ``VisionTransformer`` passes to its ``block_fn``; ``attn_layer`` and ``depth`` are
-    accepted for that reason and unused (the mixer is always :class:`attnzoo.layers.Attention`).
-    """
-    if scale_mlp_norm:
-        raise ValueError("scale_mlp_norm is not supported by gated ViT blocks")
-    dd = {"device": device, "dtype": dtype}
-    mixer = Attention(
-        dim,
-        num_heads=num_heads,
-        qkv_bias=qkv_bias,
-        qk_norm=qk_norm,
-        scale_norm=scale_attn_norm,
-        proj_bias=proj_bias,
-        gate=gate,
-        attn_drop=attn_drop,
-        proj_drop=proj_drop,
-        norm_layer=norm_layer,
-        **dd,
-    )
-    return TransformerBlock(
-        dim,
-        mixer,
-        mlp_ratio=mlp_ratio,
-        drop_path=drop_path,
-        layer_scale_init_value=init_values,
-        proj_drop=proj_drop,
-        mlp_bias=proj_bias,
-        norm_layer=norm_layer,
-        act_layer=act_layer,
-        mlp_layer=mlp_layer,
-        **dd,
-    )
+    def __init__(self, dim: int, **kwargs: Any) -> None:
+        super().__init__(dim, gate="elementwise", **kwargs)
+
+
+class HeadwiseGatedAttention(Attention):
+    """:class:`~attnzoo.layers.Attention` with a headwise output gate, as a class (timm's ``attn_layer``)."""
+
+    def __init__(self, dim: int, **kwargs: Any) -> None:
+        super().__init__(dim, gate="headwise", **kwargs)
+
+
+_ATTN_LAYERS = {"none": TimmAttention, "elementwise": ElementwiseGatedAttention, "headwise": HeadwiseGatedAttention}
+
+
+def gated_attention_layer(gate: str) -> type:
+    """The attention class of timm's ViT ``Block`` for ``gate`` (one of :data:`attnzoo.layers.GATE_MODES`)."""
+    if gate not in _ATTN_LAYERS:
+        raise ValueError(f"gate must be one of {GATE_MODES}, got {gate!r}")
+    return _ATTN_LAYERS[gate]
 
 
 def _create_gated_vit(variant: str, pretrained: bool = False, gate: str = "elementwise", **kwargs) -> VisionTransformer:
     out_indices = kwargs.pop("out_indices", 3)
     kwargs.setdefault("dynamic_img_size", True)
+    kwargs.setdefault("dynamic_img_pad", True)
     return build_model_with_official_weights(
         VisionTransformer,
         variant,
         pretrained,
-        block_fn=partial(gated_vit_block, gate=gate),
+        attn_layer=gated_attention_layer(gate),
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,

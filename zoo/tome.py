@@ -35,6 +35,7 @@ def _create_tome_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> T
     """timm's ``_create_vision_transformer`` with the merging class."""
     out_indices = kwargs.pop("out_indices", 3)
     kwargs.setdefault("dynamic_img_size", True)
+    kwargs.setdefault("dynamic_img_pad", True)
     return build_model_with_official_weights(
         ToMeVisionTransformer,
         variant,
