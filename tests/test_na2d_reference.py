@@ -137,6 +137,15 @@ def test_dilation_past_the_map_costs_what_the_map_costs(dilation):
     assert torch.equal(out, clamped)
 
 
+@pytest.mark.parametrize("shape", [(0, 6, 5, 2, 8), (2, 0, 5, 2, 8), (2, 6, 0, 2, 8)])
+def test_empty_batch_or_map_gives_empty_outputs_and_gradients(shape):
+    q, k, v, rpb = _inputs(shape, (3, 3), True)
+    out = na2d(q, k, v, 3, dilation=2, rpb=rpb)
+    assert out.shape == shape
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert [g.shape for g in grads] == [shape] * 3
+
+
 @pytest.mark.parametrize("tile", [(1, 1), (2, 3), (5, 16)])
 def test_tiling_does_not_change_the_result(tile):
     q, k, v, rpb = _inputs((1, 11, 9, 2, 4), (5, 3), True)
@@ -192,6 +201,9 @@ def test_meta_tensors_give_shapes():
         (dict(is_causal=True), ValueError, "is_causal"),
         (dict(kernel_size=0), ValueError, "kernel_size"),
         (dict(kernel_size=(3, 3, 3)), ValueError, "kernel_size"),
+        (dict(kernel_size=3.0), TypeError, "kernel_size must be an int"),
+        (dict(kernel_size=(3, 3.0)), TypeError, "kernel_size must be an int"),
+        (dict(dilation=2.0), TypeError, "dilation must be an int"),
         (dict(dilation=0), ValueError, "dilation"),
         (dict(rpb=torch.zeros(2, 3, 5)), ValueError, "rpb must have shape"),
         (dict(backend="cuda"), ValueError, "backend must be one of"),
@@ -206,6 +218,10 @@ def test_bad_arguments_raise(kwargs, error, match):
 
 def test_bad_tensors_raise():
     q = torch.randn(1, 6, 6, 2, 8)
+    with pytest.raises(ValueError, match="head dims"):
+        na2d(q[..., :0], q[..., :0], q[..., :0], 3)
+    with pytest.raises(ValueError, match="heads"):
+        na2d(q[..., :0, :], q[..., :0, :], q[..., :0, :], 3)
     with pytest.raises(ValueError, match="same shape"):
         na2d(q, q, q[:, :5], 3)
     with pytest.raises(ValueError, match=r"\(B, H, W, heads, D\)"):

@@ -126,3 +126,10 @@ def test_triton_keeps_nonfinite_inputs_in_their_neighborhoods(name, entry, value
     assert 0 < bad.sum() < bad.numel() // 8
     assert torch.equal(~torch.isfinite(out), bad)
     torch.testing.assert_close(out[~bad], ref[~bad], atol=1e-4, rtol=1e-4)
+
+
+def test_triton_empty_batch_gives_empty_output_and_gradients():
+    q, k, v, rpb = _inputs((0, 5, 6, 2, 16), (3, 3), True)
+    out = na2d(q, k, v, 3, rpb=rpb, backend="triton")
+    assert out.shape == q.shape
+    assert [g.shape for g in torch.autograd.grad(out.sum(), (q, k, v))] == [q.shape] * 3

@@ -219,3 +219,11 @@ def test_triton_kernel_masks_padded_keys_whatever_their_content():
     for name, a, b in zip("qkv", got, want):
         torch.testing.assert_close(a, b, atol=4e-4, rtol=4e-4, msg=f"d{name}")
     assert not got[1][:, ~valid].any() and not got[2][:, ~valid].any()
+
+
+def test_biformer_empty_batch_gives_empty_logits_and_gradients(tiny_models):
+    for model in tiny_models:
+        x = torch.randn(0, 3, 64, 96, requires_grad=True)
+        logits = model(x)
+        assert logits.shape == (0, 10)
+        assert torch.autograd.grad(logits.sum(), x)[0].shape == x.shape

@@ -216,3 +216,35 @@ def test_nan_input_reaches_exactly_the_outputs_that_see_it(name):
         reached[0, routed] = True if name == "k" else torch.arange(8) == 2
         expected = reached.repeat_interleave(2, 1).repeat_interleave(2, 2)
     assert expected.any() and torch.equal(torch.isnan(out), expected)
+
+
+@pytest.mark.parametrize("shape", [(0, 7, 9, 2, 4), (2, 0, 9, 2, 4), (1, 7, 0, 2, 4)])
+def test_empty_batch_or_map_gives_empty_outputs_and_gradients(shape):
+    q, k, v = _qkv(shape, dv=3, dtype=torch.float32)
+    for padding in ("zero", "mask"):
+        out = bra2d(q, k, v, 3, 2, padding=padding)
+        assert out.shape == (*shape[:-1], 3)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+    assert bra2d_reference(q, k, v, 3, 2, 1.0)[0].shape == out.shape  # the layer's TorchScript path
+    regions = _qkv((shape[0], 9, 0 if 0 in shape[1:3] else 4, 2, 4), dv=3, dtype=torch.float32)
+    index = route(*regions[:2], 3, 2)
+    assert index.shape == (shape[0], 9, 2)
+    assert routed_attention(*regions, index, 3).shape == regions[2].shape
+
+
+def test_float_sizes_and_empty_heads_are_clear_errors():
+    q, k, v = _qkv((1, 4, 4, 2, 4), dtype=torch.float32)
+    with pytest.raises(TypeError, match="n_win must be an int"):
+        bra2d(q, k, v, 2.0, 2)
+    with pytest.raises(TypeError, match="topk must be an int"):
+        bra2d(q, k, v, 2, 2.0)
+    with pytest.raises(ValueError, match="head dims"):
+        bra2d(q[..., :0], k[..., :0], v[..., :0], 2, 2)
+    with pytest.raises(ValueError, match="heads"):
+        bra2d(q[..., :0, :], k[..., :0, :], v[..., :0, :], 2, 2)
+    regions = _qkv((1, 4, 3, 2, 4), dtype=torch.float32)
+    with pytest.raises(ValueError, match="head dims"):
+        routed_attention(*(t[..., :0] for t in regions), torch.zeros(1, 4, 2, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="head dims"):
+        route(regions[0][..., :0], regions[1][..., :0], 2, 2)

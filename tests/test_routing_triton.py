@@ -173,3 +173,10 @@ def test_nan_inputs_give_the_reference_nan_pattern(name):
     ref = bra2d(q, k, v, 2, 2, backend="reference")
     assert torch.isnan(ref).any()
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, equal_nan=True)
+
+
+def test_empty_batch_gives_empty_output_and_gradients():
+    q, k, v = _inputs((0, 5, 6, 2, 16))
+    out = bra2d(q, k, v, 2, 2, backend="triton")
+    assert out.shape == q.shape
+    assert [g.shape for g in torch.autograd.grad(out.sum(), (q, k, v))] == [q.shape] * 3

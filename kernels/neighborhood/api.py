@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..arguments import check_head_dims, check_int_pair, empty_output
 from ..dispatch import resolve_backend
 from ..flops import charged, na2d_macs
 from .ops import na2d_triton
@@ -12,13 +13,6 @@ from .reference import na2d_reference
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_HEAD_DIM = 256
-
-
-def _pair(value: int | tuple[int, int] | list[int], name: str, minimum: int) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= minimum for x in pair):
-        raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
-    return pair
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None, kernel_size) -> None:
@@ -71,8 +65,9 @@ def na2d(
     ``k0 * k1`` keys; the result does not depend on what the padding holds.
 
     Args:
-        q, k, v: ``(B, H, W, heads, D)`` float tensors of one dtype (any strides).
-        kernel_size: neighborhood size, int or ``(k0, k1)``, each >= 1.
+        q, k, v: ``(B, H, W, heads, D)`` float tensors of one dtype (any strides), ``heads, D >= 1``; an empty batch
+            or map gives an empty output.
+        kernel_size: neighborhood size, int or ``(k0, k1)``, each >= 1 (non-ints raise ``TypeError``).
         dilation: int or ``(d0, d1)``, each >= 1. A dilation at least the axis length leaves every query alone in its
             group (it sees only itself along that axis); it is clamped to the axis length, which gives the same result
             at the cost of the map.
@@ -83,13 +78,16 @@ def na2d(
         backend: ``"auto"`` (Triton for CUDA tensors, else the reference), ``"triton"`` (CUDA, or CPU under
             ``TRITON_INTERPRET=1``) or ``"reference"`` (pure PyTorch, any device, float64 included).
     """
-    kernel_size = _pair(kernel_size, "kernel_size", 1)
-    dilation = _pair(dilation, "dilation", 1)
-    if _pair(stride, "stride", 1) != (1, 1):
+    kernel_size = check_int_pair(kernel_size, "kernel_size", 1)
+    dilation = check_int_pair(dilation, "dilation", 1)
+    if check_int_pair(stride, "stride", 1) != (1, 1):
         raise ValueError(f"stride must be 1 (strided neighborhood attention is not supported), got {stride!r}")
     if is_causal is not False:
         raise ValueError("is_causal must be False (causal neighborhood attention is not supported)")
     _check_inputs(q, k, v, rpb, kernel_size)
+    check_head_dims(q, v)
+    if q.numel() == 0:
+        return empty_output(q, k, v)
     # a dilation >= the axis length leaves every query alone in its group (it sees only itself along that axis), as
     # the axis length does: clamping keeps the result and the cost bounded by the map, not by the dilation
     dilation = (max(1, min(dilation[0], q.shape[1])), max(1, min(dilation[1], q.shape[2])))
@@ -108,6 +106,4 @@ def _na2d_dispatch(q, k, v, kernel_size, dilation, rpb, scale: float, backend: s
         raise TypeError(f"backend='triton' supports {', '.join(map(str, TRITON_DTYPES))}, got {q.dtype}")
     if q.shape[-1] > MAX_TRITON_HEAD_DIM:
         raise ValueError(f"backend='triton' tiles head_dim <= {MAX_TRITON_HEAD_DIM}, got {q.shape[-1]}")
-    if q.numel() == 0:
-        raise ValueError(f"backend='triton' needs non-empty inputs, got shape {tuple(q.shape)}")
     return na2d_triton(q, k, v, kernel_size, dilation, rpb, scale)

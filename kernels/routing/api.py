@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..arguments import check_head_dims, check_int, empty_output
 from ..dispatch import resolve_backend
 from ..flops import charged, routed_attention_macs
 from .reference import (
@@ -34,12 +35,11 @@ PADDINGS = ("zero", "mask")
 
 
 def _check_n_win(n_win: int) -> None:
-    if not isinstance(n_win, int) or isinstance(n_win, bool) or n_win < 1:
-        raise ValueError(f"n_win must be a positive int, got {n_win!r}")
+    check_int(n_win, "n_win", 1)
 
 
 def _check_topk(topk: int, regions: int) -> None:
-    if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= regions:
+    if check_int(topk, "topk", 1) > regions:
         raise ValueError(f"topk must be an int in [1, n_win**2 = {regions}], got {topk!r}")
 
 
@@ -62,6 +62,7 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             f"q and k must have one shape and v the same except for its last dim, got q {tuple(q.shape)}, "
             f"k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
+    check_head_dims(q, v)
 
 
 def _check_triton_support(q: torch.Tensor, v: torch.Tensor) -> None:
@@ -116,6 +117,10 @@ def route(q: torch.Tensor, k: torch.Tensor, n_win: int, topk: int) -> torch.Tens
         raise ValueError(
             f"q and k must both be (B, n_win**2={n_win * n_win}, T, ...), got {tuple(q.shape)}, {tuple(k.shape)}"
         )
+    if q.ndim == 5:
+        check_head_dims(q, k)
+    elif q.shape[-1] < 1:
+        raise ValueError(f"q and k need at least one channel (last dim), got shape {tuple(q.shape)}")
     _check_topk(topk, n_win * n_win)
     return route_means(region_means(q, n_win, "regions"), region_means(k, n_win, "regions"), topk)
 
@@ -164,6 +169,8 @@ def routed_attention(
     if not torch.compiler.is_compiling():
         _check_index_range(index, n_win * n_win)
     scale = default_scale(q) if scale is None else scale
+    if q.numel() == 0:
+        return empty_output(q, k, v)
     backend = _resolve(backend, q, k, v, index)
     B, R, T, heads, d_qk = q.shape
     macs = lambda: routed_attention_macs(B, R, T, heads, d_qk, v.shape[-1], index.shape[-1])
@@ -213,6 +220,8 @@ def bra2d(
     if padding not in PADDINGS:
         raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
     scale = default_scale(q) if scale is None else scale
+    if q.numel() == 0:
+        return empty_output(q, k, v)
     backend = _resolve(backend, q, k, v)
     return charged(
         lambda: bra2d_macs(q, v, n_win, topk), _bra2d_dispatch, q, k, v, n_win, topk, float(scale), backend, padding

@@ -39,15 +39,14 @@ def region_means(x: torch.Tensor, n_win: int, layout: str, valid: torch.Tensor |
     ``valid`` (``"map"`` layout only): ``(H, W)`` bool from :func:`valid_tokens`; each region then averages only its
     valid tokens (a region without any gives zeros).
     """
-    B = x.shape[0]
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     if layout == "regions":
-        return x.mean(2).reshape(B, x.shape[1], -1)
-    H, W = x.shape[1], x.shape[2]
-    shape = [B, n_win, H // n_win, n_win, W // n_win, -1]
+        return x.mean(2).flatten(2)
+    B, H, W = x.shape[0], x.shape[1], x.shape[2]
+    shape = [B, n_win, H // n_win, n_win, W // n_win, x.shape[3] * x.shape[4]]
     if valid is None:
-        return x.reshape(shape).mean((2, 4)).reshape(B, n_win * n_win, -1)
-    sums = (x * valid[:, :, None, None]).reshape(shape).sum((2, 4)).reshape(B, n_win * n_win, -1)
+        return x.reshape(shape).mean((2, 4)).reshape(B, n_win * n_win, shape[-1])
+    sums = (x * valid[:, :, None, None]).reshape(shape).sum((2, 4)).reshape(B, n_win * n_win, shape[-1])
     counts = valid.reshape(n_win, H // n_win, n_win, W // n_win).sum((1, 3)).reshape(-1, 1)
     return sums / counts.clamp(min=1)
 
