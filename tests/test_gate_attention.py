@@ -121,3 +121,20 @@ def test_every_mixer_runs_in_bf16(name):
     y = copy.deepcopy(mixer).to(torch.bfloat16)(x.to(torch.bfloat16))
     assert y.dtype == torch.bfloat16
     assert F.cosine_similarity(y.float().flatten(), expected.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize("name", list_mixers())
+def test_every_mixer_takes_the_one_call_form(name):
+    """``mixer(x, feat_size, attn_mask, is_causal)``: maps carry their grid; masks reach the mixers that attend over
+    the whole sequence and are rejected by the others."""
+    torch.manual_seed(0)
+    mixer = create_mixer(name, 16, num_heads=2).eval()
+    x = torch.randn(1, 3, 4, 16)
+    expected = mixer(x)
+    torch.testing.assert_close(mixer(x, [3, 4], None, False), expected)
+    if name in ("attention", "attention_lepe"):
+        torch.testing.assert_close(mixer(x, attn_mask=torch.ones(12, 12, dtype=torch.bool)), expected)
+        assert not torch.allclose(mixer(x, is_causal=True), expected)
+    else:
+        with pytest.raises(ValueError, match="takes no attention mask"):
+            mixer(x, attn_mask=torch.ones(12, 12, dtype=torch.bool))

@@ -35,6 +35,30 @@ def test_ungated_model_is_deit():
         torch.testing.assert_close(ours(x), deit(x), atol=1e-4, rtol=1e-4)
 
 
+def test_ungated_model_is_exactly_timm_deit():
+    """gate='none' builds timm's own attention: the same function as timm's DeiT, bit for bit."""
+    torch.manual_seed(0)
+    ours = timm.create_model("gated_vit_tiny_patch16_224", gate="none", depth=2).eval()
+    deit = timm.create_model("deit_tiny_patch16_224", depth=2, dynamic_img_size=True).eval()
+    deit.load_state_dict(ours.state_dict(), strict=True)
+    assert all(type(block.attn) is timm.layers.Attention for block in ours.blocks)
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        assert torch.equal(ours(x), deit(x))
+
+
+def test_checkpoint_keys_are_stable():
+    """Gated-ViT checkpoints keep loading: timm's ViT keys plus ``attn.gate`` in every block."""
+    model = timm.create_model("gated_vit_tiny_patch16_224", gate="headwise", depth=1, num_classes=3)
+    block = {"norm1": (192,), "attn.qkv": (576, 192), "attn.gate": (3, 192), "attn.proj": (192, 192)}
+    block.update({"norm2": (192,), "mlp.fc1": (768, 192), "mlp.fc2": (192, 768)})
+    expected = {"cls_token": (1, 1, 192), "pos_embed": (1, 197, 192), "patch_embed.proj.weight": (192, 3, 16, 16)}
+    expected["patch_embed.proj.bias"] = (192,)
+    for name, shape in {**{f"blocks.0.{k}": v for k, v in block.items()}, "norm": (192,), "head": (3, 192)}.items():
+        expected[f"{name}.weight"], expected[f"{name}.bias"] = shape, shape[:1]
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected
+
+
 @pytest.mark.parametrize("gate", ["elementwise", "headwise"])
 def test_opening_the_gate_changes_the_output(gate):
     torch.manual_seed(0)

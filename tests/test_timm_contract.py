@@ -38,6 +38,7 @@ from timm import create_model
 from timm.layers import get_channel_dim, get_spatial_dim
 from timm.models import FeatureInfo
 from timm.models._manipulate import group_parameters
+from timm.models.vision_transformer import VisionTransformer
 
 import attnzoo
 
@@ -387,6 +388,22 @@ def test_model_forward_intermediates(model_name):
     model.set_grad_checkpointing()
     output3, _ = model.forward_intermediates(inputs, output_fmt=output_fmt)
     torch.testing.assert_close(output3, output, rtol=1e-4, atol=1e-5, msg="grad checkpointing changed the output")
+
+
+@pytest.mark.parametrize("model_name", HEAVY_CHECK_MODELS)
+def test_plain_vit_takes_sides_not_divisible_by_the_patch(model_name):
+    """Plain ViTs zero-pad the image at the bottom/right to whole patches (timm's ``dynamic_img_pad``): a 200x232
+    image gives the outputs of its zero-padded 208x240 version, on a 13x15 patch grid."""
+    if not isinstance(_meta_model(model_name), VisionTransformer):
+        pytest.skip(f"{model_name} is hierarchical (its family's tests cover odd input sizes)")
+    model = create_model(model_name, pretrained=False, depth=2, num_classes=3).eval()
+    x = torch.randn(1, 3, 200, 232)
+    with torch.no_grad():
+        out = model(x)
+        torch.testing.assert_close(out, model(torch.nn.functional.pad(x, (0, 8, 0, 8))))
+        maps = model.forward_intermediates(x, intermediates_only=True)
+    assert out.shape == (1, 3) and torch.isfinite(out).all()
+    assert [tuple(m.shape[-2:]) for m in maps] == [(13, 15)] * 2
 
 
 @pytest.mark.slow
