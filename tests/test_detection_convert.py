@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from attnzoo.recipes.detection.coco_convert import csv_to_coco, voc_to_coco
+from attnzoo.recipes.detection.coco_convert import csv_to_coco, merge_coco, voc_to_coco
 
 DATA = Path(__file__).parent / "data" / "deepforest"
 OSBS = {"OSBS_029.tif": "OSBS_029.png"}  # the csv names the GeoTIFF; the PNG of the same tile is shipped
@@ -137,3 +137,23 @@ def test_voc_difficult_objects_become_crowd(tmp_path):
     crowd = voc_to_coco(tmp_path / "d.xml", DATA)
     assert [a["iscrowd"] for a in crowd["annotations"]][:2] == [1, 0]
     assert voc_to_coco(tmp_path / "d.xml", DATA, difficult_as_crowd=False)["annotations"][0]["iscrowd"] == 0
+
+
+def test_label_map_and_merge_give_one_tree_dataset(tmp_path):
+    trees = {"Alive": "Tree", "Dead": "Tree"}
+    osbs = csv_to_coco(DATA / "OSBS_029.csv", DATA, rename_images=OSBS)
+    soap = voc_to_coco(DATA / "SOAP_061.xml", DATA, label_map=trees)
+    assert [c["name"] for c in soap["categories"]] == ["Tree"]
+    merged = merge_coco(osbs, soap, out_json=tmp_path / "trees.json")
+    assert json.loads((tmp_path / "trees.json").read_text()) == merged
+    assert [(im["id"], im["file_name"]) for im in merged["images"]] == [(1, "OSBS_029.png"), (2, "SOAP_061.png")]
+    assert [a["id"] for a in merged["annotations"]] == list(range(1, 99))
+    assert [a["image_id"] for a in merged["annotations"]] == [1] * 61 + [2] * 37
+    assert merged["annotations"][61]["bbox"] == soap["annotations"][0]["bbox"]
+    both = merge_coco(osbs, voc_to_coco(DATA / "SOAP_061.xml", DATA))  # categories unified by name
+    assert [c["name"] for c in both["categories"]] == ["Alive", "Dead", "Tree"]
+    assert {a["category_id"] for a in both["annotations"][:61]} == {3}
+    with pytest.raises(ValueError, match="image 'OSBS_029.png' appears again in COCO dict 1"):
+        merge_coco(osbs, osbs)
+    with pytest.raises(ValueError, match="label 'Dead' is not one of categories"):
+        voc_to_coco(DATA / "SOAP_061.xml", DATA, label_map={"Alive": "Tree"}, categories=["Tree"])

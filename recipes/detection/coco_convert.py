@@ -20,12 +20,12 @@ import json
 import os
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["csv_to_coco", "voc_to_coco", "write_coco_json"]
+__all__ = ["csv_to_coco", "merge_coco", "voc_to_coco", "write_coco_json"]
 
 CSV_COLUMNS = ("image_path", "xmin", "ymin", "xmax", "ymax", "label")
 
@@ -75,7 +75,10 @@ def _build_coco(
     categories: Sequence[str] | None,
     clip_to_image: bool,
     first_where: Mapping[str, str],
+    label_map: Mapping[str, str] | None,
 ) -> dict:
+    if label_map:
+        boxes = [replace(box, label=label_map.get(box.label, box.label)) for box in boxes]
     if categories is None:
         categories = sorted({box.label for box in boxes})
     else:
@@ -140,12 +143,14 @@ def csv_to_coco(
     out_json: str | os.PathLike | None = None,
     *,
     categories: Sequence[str] | None = None,
+    label_map: Mapping[str, str] | None = None,
     rename_images: Mapping[str, str] | None = None,
     clip_to_image: bool = False,
 ) -> dict:
     """COCO dict of the boxes in ``csv_path`` (header ``image_path,xmin,ymin,xmax,ymax,label``; extra columns are
     ignored); images are looked up in ``image_dir`` under their ``image_path`` (or ``rename_images[image_path]``,
-    e.g. ``{"tile.tif": "tile.png"}``). Written to ``out_json`` when given."""
+    e.g. ``{"tile.tif": "tile.png"}``). ``label_map`` renames labels (``{"Alive": "Tree", "Dead": "Tree"}`` merges
+    two); ``categories`` then names the output categories in id order. Written to ``out_json`` when given."""
     csv_path, image_dir = Path(csv_path), Path(image_dir)
     if not csv_path.is_file():
         raise ValueError(f"csv_path {str(csv_path)!r} is not a file")
@@ -171,7 +176,7 @@ def csv_to_coco(
             first_where.setdefault(name, where)
     if not boxes:
         raise ValueError(f"{csv_path}: no annotation rows")
-    coco = _build_coco(boxes, list(first_where), image_dir, categories, clip_to_image, first_where)
+    coco = _build_coco(boxes, list(first_where), image_dir, categories, clip_to_image, first_where, label_map)
     if out_json is not None:
         write_coco_json(coco, out_json)
     return coco
@@ -210,13 +215,15 @@ def voc_to_coco(
     out_json: str | os.PathLike | None = None,
     *,
     categories: Sequence[str] | None = None,
+    label_map: Mapping[str, str] | None = None,
     one_based: bool = False,
     difficult_as_crowd: bool = True,
     clip_to_image: bool = False,
 ) -> dict:
     """COCO dict of Pascal VOC files ``xml_paths`` (a file, a folder of ``*.xml``, or a list of files); images are
     ``image_dir/<filename>``. ``difficult`` objects become ``iscrowd=1`` (ignored in training and evaluation, as in
-    VOC's own evaluation) unless ``difficult_as_crowd=False``. Written to ``out_json`` when given."""
+    VOC's own evaluation) unless ``difficult_as_crowd=False``. ``categories`` and ``label_map`` as in
+    :func:`csv_to_coco`. Written to ``out_json`` when given."""
     if isinstance(xml_paths, (str, os.PathLike)):
         path = Path(xml_paths)
         paths = sorted(path.glob("*.xml")) if path.is_dir() else [path]
@@ -239,7 +246,41 @@ def voc_to_coco(
         boxes.extend(objects)
     if not boxes:
         raise ValueError(f"no <object> in {[str(p) for p in paths]}")
-    coco = _build_coco(boxes, list(first_where), image_dir, categories, clip_to_image, first_where)
+    coco = _build_coco(boxes, list(first_where), image_dir, categories, clip_to_image, first_where, label_map)
     if out_json is not None:
         write_coco_json(coco, out_json)
     return coco
+
+
+def merge_coco(*cocos: dict, out_json: str | os.PathLike | None = None) -> dict:
+    """One COCO dict of several over the same image folder (e.g. a CSV's and a VOC folder's conversions): images and
+    annotations renumbered from 1, categories unified by name (sorted). An image file named twice is a ValueError."""
+    if not cocos:
+        raise ValueError("merge_coco needs at least one COCO dict")
+    names = sorted({c["name"] for coco in cocos for c in coco["categories"]})
+    category_id = {name: i + 1 for i, name in enumerate(names)}
+    images, annotations, seen = [], [], set()
+    for index, coco in enumerate(cocos):
+        old_name = {c["id"]: c["name"] for c in coco["categories"]}
+        new_image = {}
+        for image in coco["images"]:
+            if image["file_name"] in seen:
+                raise ValueError(f"merge_coco: image {image['file_name']!r} appears again in COCO dict {index}")
+            seen.add(image["file_name"])
+            new_image[image["id"]] = len(images) + 1
+            images.append({**image, "id": len(images) + 1})
+        for ann in coco["annotations"]:
+            category = category_id[old_name[ann["category_id"]]]
+            annotations.append(
+                {**ann, "id": len(annotations) + 1, "image_id": new_image[ann["image_id"]], "category_id": category}
+            )
+    merged = {
+        "info": {"description": "merged by attnzoo.recipes.detection.coco_convert"},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i, "name": name, "supercategory": "none"} for name, i in category_id.items()],
+    }
+    if out_json is not None:
+        write_coco_json(merged, out_json)
+    return merged
