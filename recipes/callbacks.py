@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 from .checkpoint_io import remove_stale_temp_files
@@ -68,8 +68,8 @@ class ThroughputProgressBar(TQDMProgressBar):
 
 
 class TrainingSummary(Callback):
-    """Prints one summary at the end of ``fit`` (rank 0): steps, epochs, time, img/s and the last and best
-    validation top-1 of the raw and EMA weights; :attr:`summary` keeps the numbers."""
+    """Prints one summary at the end of ``fit`` (rank 0): steps, epochs, time, img/s, the last and best validation
+    top-1 of the raw and EMA weights and the latest checkpoint written; :attr:`summary` keeps the numbers."""
 
     def __init__(self) -> None:
         self.summary: dict[str, Any] = {}
@@ -93,7 +93,8 @@ class TrainingSummary(Callback):
         batch_size = getattr(trainer.datamodule, "batch_size", None)
         images = steps * trainer.accumulate_grad_batches * trainer.world_size * (batch_size or 0)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val", "train/loss"))}
-        checkpoint = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
+        saved = [Path(p) for cb in trainer.checkpoint_callbacks for p in (cb.last_model_path, cb.best_model_path) if p]
+        saved = [p for p in saved if p.is_file()]
         self.summary = {
             "model": getattr(pl_module.hparams, "model_name", type(pl_module).__name__),
             "epochs": trainer.current_epoch,
@@ -102,7 +103,7 @@ class TrainingSummary(Callback):
             "images_per_second": images / seconds if seconds > 0 and images else None,
             "metrics": metrics,
             "best": dict(self._best),
-            "last_checkpoint": checkpoint.last_model_path if checkpoint else None,
+            "last_checkpoint": str(max(saved, key=lambda p: p.stat().st_mtime_ns)) if saved else None,
             "log_dir": trainer.log_dir,
         }
         self._print()

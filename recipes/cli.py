@@ -2,7 +2,8 @@
 
 The parser has the sections ``model`` (:class:`~attnzoo.recipes.module.ImageClassifier`), ``data``
 (:class:`~attnzoo.recipes.data.ImageDataModule`), ``trainer`` (Lightning's Trainer), ``checkpoint``
-(``ModelCheckpoint``: ``save_last`` on, best ``val/top1`` kept), ``export`` (:class:`ExportWeights`) and
+(``ModelCheckpoint``: best ``val/top1`` kept), ``last_checkpoint`` (``last.ckpt`` rewritten every epoch or every
+``checkpoint.every_n_train_steps``, same folder), ``export`` (:class:`ExportWeights`) and
 ``predictions`` (:class:`PredictionWriter`, the CSV of ``attnzoo predict``). Defaults
 added to every run: ``use_distributed_sampler: false`` (the data module builds rank-aware samplers), atomic
 checkpoint writes (with the clean-up of the temporary files of a killed run at start-up), the img/s + ETA progress
@@ -40,7 +41,7 @@ class ZooCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
-                "checkpoint.save_last": True,
+                "checkpoint.save_last": False,
                 "checkpoint.monitor": "val/top1",
                 "checkpoint.mode": "max",
                 "checkpoint.save_top_k": 1,
@@ -48,6 +49,20 @@ class ZooCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        # Lightning >= 2.6 refreshes a monitored checkpoint's ``save_last`` only when the monitored value improved, so
+        # ``--ckpt_path last`` could go back epochs: this second callback rewrites ``last.ckpt`` at every save point
+        # (every epoch, or every ``checkpoint.every_n_train_steps``) in the same folder.
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.set_defaults(
+            {
+                "last_checkpoint.filename": "last",
+                "last_checkpoint.monitor": None,
+                "last_checkpoint.save_top_k": 1,
+                "last_checkpoint.enable_version_counter": False,
+            }
+        )
+        parser.link_arguments("checkpoint.dirpath", "last_checkpoint.dirpath")
+        parser.link_arguments("checkpoint.every_n_train_steps", "last_checkpoint.every_n_train_steps")
         parser.add_lightning_class_args(ExportWeights, "export")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
 

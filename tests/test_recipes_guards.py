@@ -140,6 +140,21 @@ def test_ckpt_path_of_another_architecture_names_the_differing_keys(tmp_path):
     assert "model.pretrained" in str(err.value) and "mlp_ratio" not in str(err.value)  # 4.0 in both (from the YAML)
 
 
+def test_last_checkpoint_follows_every_epoch_when_top1_does_not_improve(tmp_path):
+    config = tmp_path / "frozen.yaml"  # lr 0: val/top1 never improves after the first epoch
+    config.write_text(textwrap.dedent(CONFIG % {"embed": 16}))
+    overrides = ["--model.lr", "0", "--model.warmup_lr", "0", "--model.min_lr", "0", "--model.warmup_epochs", "0"]
+    overrides += ["--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2", "--data.batch_size", "4"]
+    overrides += ["--checkpoint.dirpath", str(tmp_path / "ckpt"), "--export.dirpath", str(tmp_path / "export")]
+    overrides += ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path)]
+    cli = run_cli(["fit", "--config", str(config), *overrides])
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (2, 6)  # `--ckpt_path last` resumes after the third epoch
+    assert [p.name for p in (tmp_path / "ckpt").glob("epoch*.ckpt")] == ["epoch000-step0000002.ckpt"]  # the best
+    summary = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "TrainingSummary").summary
+    assert summary["last_checkpoint"] == str(tmp_path / "ckpt" / "last.ckpt")
+
+
 def _mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
