@@ -133,7 +133,7 @@ def make_natten(side: int, kernel: int, dilation: int, device) -> Callable:
 
 def make_attnzoo(backend: str) -> Callable:
     def factory(side, kernel, dilation, device):
-        return lambda q, k, v, rpb: na2d(q, k, v, kernel, dilation, rpb=rpb, backend=backend)
+        return lambda q, k, v, rpb: na2d(q, k, v, kernel, dilation=dilation, rpb=rpb, backend=backend)
 
     return factory
 

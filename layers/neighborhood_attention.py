@@ -108,7 +108,9 @@ class NeighborhoodAttention2d(nn.Module):
         if torch.jit.is_scripting():
             out = na2d_reference(q, k, v, self.kernel_size, dilation, self.rpb, self.scale, None)
         else:
-            out = na2d(q, k, v, self.kernel_size, dilation, rpb=self.rpb, scale=self.scale, backend=self.backend)
+            out = na2d(
+                q, k, v, self.kernel_size, dilation=dilation, rpb=self.rpb, scale=self.scale, backend=self.backend
+            )
         out = out.reshape(B, H, W, C)
         if self.gate is not None:
             out = self.gate(x, out)

@@ -1,6 +1,8 @@
 """Neighborhood attention: the PyTorch reference and ``na2d`` against a brute-force loop over the definition,
 argument checking, and the ``NeighborhoodAttention2d`` mixer."""
 
+import inspect
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -70,10 +72,10 @@ CASES = [  # (H, W), kernel, dilation
 def test_reference_matches_definition(size, kernel_size, dilation, use_rpb):
     q, k, v, rpb = _inputs((1, *size, 2, 5), kernel_size, use_rpb)
     expected = brute_force_na2d(q, k, v, kernel_size, dilation, rpb, scale=0.3)
-    out = na2d(q, k, v, kernel_size, dilation, rpb=rpb, scale=0.3, backend="reference")
+    out = na2d(q, k, v, kernel_size, dilation=dilation, rpb=rpb, scale=0.3, backend="reference")
     torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
     with torch.no_grad():  # inference takes the fused SDPA path
-        inference = na2d(q, k, v, kernel_size, dilation, rpb=rpb, scale=0.3, backend="reference")
+        inference = na2d(q, k, v, kernel_size, dilation=dilation, rpb=rpb, scale=0.3, backend="reference")
     torch.testing.assert_close(inference, expected.detach(), atol=1e-10, rtol=1e-10)
 
     grad = torch.randn_like(out)
@@ -104,7 +106,7 @@ def test_nonfinite_input_reaches_only_its_neighborhoods(name, entry, value, size
         inputs[name][(0, *entry)] = value
     expected = brute_force_na2d(*inputs.values(), kernel_size, dilation).detach()
     with torch.set_grad_enabled(grad):
-        out = na2d(*inputs.values(), kernel_size, dilation, backend="reference").detach()
+        out = na2d(*inputs.values(), kernel_size, dilation=dilation, backend="reference").detach()
     bad = ~torch.isfinite(expected)
     assert 0 < bad.sum() < bad.numel() // 4
     assert torch.equal(~torch.isfinite(out), bad)
@@ -156,7 +158,7 @@ def test_tiling_does_not_change_the_result(tile):
 def test_reference_gradcheck():
     q, k, v, rpb = _inputs((1, 4, 5, 1, 2), (3, 3), True)
     assert torch.autograd.gradcheck(
-        lambda *t: na2d(*t[:3], (3, 3), (1, 2), rpb=t[3], backend="reference"), (q, k, v, rpb)
+        lambda *t: na2d(*t[:3], (3, 3), dilation=(1, 2), rpb=t[3], backend="reference"), (q, k, v, rpb)
     )
 
 
@@ -173,8 +175,8 @@ def test_padding_is_masked_not_attended():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_close_to_fp32(dtype):
     q, k, v, rpb = _inputs((1, 9, 8, 2, 16), (3, 3), True, dtype=torch.float32)
-    expected = na2d(q, k, v, 3, 2, rpb=rpb)
-    out = na2d(q.to(dtype), k.to(dtype), v.to(dtype), 3, 2, rpb=rpb)
+    expected = na2d(q, k, v, 3, dilation=2, rpb=rpb)
+    out = na2d(q.to(dtype), k.to(dtype), v.to(dtype), 3, dilation=2, rpb=rpb)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
 
@@ -186,6 +188,13 @@ def test_scriptable_reference_matches_eager():
     torch.testing.assert_close(
         scripted(q, k, v, (3, 3), (2, 1), rpb, 0.5, None), na2d_reference(q, k, v, (3, 3), (2, 1), rpb, 0.5)
     )
+
+
+def test_signature_follows_natten_positional_order():
+    names = list(inspect.signature(na2d).parameters)
+    assert names == ["q", "k", "v", "kernel_size", "stride", "dilation", "is_causal", "rpb", "scale", "backend"]
+    q, k, v, _ = _inputs((1, 7, 6, 1, 4), (3, 3), False)
+    torch.testing.assert_close(na2d(q, k, v, 3, 1, 2, False), na2d(q, k, v, 3, dilation=2), atol=0, rtol=0)
 
 
 def test_meta_tensors_give_shapes():

@@ -35,11 +35,11 @@ def _compare(shape, kernel_size, dilation, use_rpb, dtype=torch.float32):
     """Triton output and gradients vs the reference in fp32 on the same (rounded) inputs."""
     atol, rtol = TOLERANCES[dtype]
     q, k, v, rpb = _inputs(shape, kernel_size, use_rpb, dtype)
-    out = na2d(q, k, v, kernel_size, dilation, rpb=rpb, backend="triton")
+    out = na2d(q, k, v, kernel_size, dilation=dilation, rpb=rpb, backend="triton")
     assert out.dtype == dtype and out.shape == q.shape
     ref_inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
     ref_rpb = rpb.detach().clone().requires_grad_() if use_rpb else None
-    ref = na2d(*ref_inputs, kernel_size, dilation, rpb=ref_rpb, backend="reference")
+    ref = na2d(*ref_inputs, kernel_size, dilation=dilation, rpb=ref_rpb, backend="reference")
     torch.testing.assert_close(out.float(), ref, atol=atol, rtol=rtol)
 
     grad = torch.randn_like(ref)

@@ -41,8 +41,8 @@ def na2d(
     k: torch.Tensor,
     v: torch.Tensor,
     kernel_size: int | tuple[int, int],
-    dilation: int | tuple[int, int] = 1,
     stride: int | tuple[int, int] = 1,
+    dilation: int | tuple[int, int] = 1,
     is_causal: bool = False,
     rpb: torch.Tensor | None = None,
     scale: float | None = None,
@@ -68,10 +68,10 @@ def na2d(
         q, k, v: ``(B, H, W, heads, D)`` float tensors of one dtype (any strides), ``heads, D >= 1``; an empty batch
             or map gives an empty output.
         kernel_size: neighborhood size, int or ``(k0, k1)``, each >= 1 (non-ints raise ``TypeError``).
+        stride: only 1 is supported (strided neighborhoods raise ``ValueError``).
         dilation: int or ``(d0, d1)``, each >= 1. A dilation at least the axis length leaves every query alone in its
             group (it sees only itself along that axis); it is clamped to the axis length, which gives the same result
             at the cost of the map.
-        stride: only 1 is supported (strided neighborhoods raise ``ValueError``).
         is_causal: only ``False`` is supported (causal neighborhoods raise ``ValueError``).
         rpb: optional relative position bias table ``(heads, 2*k0 - 1, 2*k1 - 1)``.
         scale: logit scale, default ``D ** -0.5``.
