@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import torch
 
-LAYOUTS = ("regions", "map")
-
 
 def region_shape(x: torch.Tensor, n_win: int, layout: str) -> tuple[int, int]:
     """``(tokens_per_region, region_width)`` of ``x`` (5-D, in ``layout``) split into ``n_win x n_win`` regions."""
