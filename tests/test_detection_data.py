@@ -20,7 +20,7 @@ def make_dm(ann, images, **kwargs):
         batch_size=2,
         num_workers=0,
         train_scales=(96, 128),
-        max_size=160,
+        train_max_size=160,
         with_masks=True,
     )
     return CocoDataModule(**{**defaults, **kwargs})
@@ -54,7 +54,7 @@ def test_training_batches_move_boxes_and_masks_together(tmp_path):
 
 def test_crowd_is_kept_for_evaluation_and_labels_map_back(tmp_path):
     ann, images = write_shapes_coco(tmp_path, 4)
-    dm = make_dm(ann, images, with_masks=False)
+    dm = make_dm(ann, images, with_masks=False, eval_batch_size=2)
     dm.setup("validate")
     gt = dm.coco_gt["val"]
     assert sum(a["iscrowd"] for a in gt.dataset["annotations"]) == 1
@@ -165,7 +165,7 @@ def test_categories_must_match_between_splits(tmp_path):
 
 def test_predict_on_an_unannotated_folder(tmp_path):
     _, images = write_shapes_coco(tmp_path, 3)
-    dm = CocoDataModule(predict_images=str(images), num_workers=0, batch_size=2)
+    dm = CocoDataModule(predict_images=str(images), num_workers=0, eval_batch_size=2)
     dm.setup("predict")
     batch_images, targets, real = next(iter(dm.predict_dataloader()))
     assert [t["image_id"] for t in targets] == [1, 2] and len(batch_images) == 2

@@ -2,9 +2,9 @@
 
 Images and targets come from torchvision's ``CocoDetection`` wrapped by ``wrap_dataset_for_transforms_v2`` (boxes
 as ``tv_tensors.BoundingBoxes``, masks as ``tv_tensors.Mask``), so ``transforms.v2`` move them with the image:
-training resizes the short side to a random scale of ``train_scales`` (long side capped at ``max_size``) and flips;
-the model does not resize training images again (``_skip_resize``). Evaluation images stay at their file size (the
-detector resizes them and maps its boxes back). Annotation files are checked first (:mod:`.coco_json`).
+training resizes the short side to a random scale of ``train_scales`` (long side capped at ``train_max_size``) and
+flips; the model does not resize training images again (``_skip_resize``). Evaluation images stay at their file
+size (the detector resizes them and maps its boxes back). Annotation files are checked first (:mod:`.coco_json`).
 
 A batch is ``(images, targets)`` (training) or ``(images, targets, is_real)`` (evaluation): tuples of
 ``(3, H, W)`` float images in [0, 1] and dicts with ``boxes`` ``(N, 4)`` xyxy, ``labels`` ``(N,)`` in
@@ -178,10 +178,12 @@ class CocoDataModule(pl.LightningDataModule):
         test_ann, test_images: the test split (default: the validation split).
         predict_ann, predict_images: images to predict (default: the validation split); ``predict_images`` alone
             predicts every image file of that folder.
-        batch_size: images per device and step; ``eval_batch_size`` for evaluation (default ``batch_size``).
+        batch_size: images per device and step. ``eval_batch_size``: images per device in evaluation (default 1, as
+            the papers' evaluations: a batch pads its images to a common size, which changes the detections
+            slightly, so a result then depends on which images share a batch).
         num_workers, pin_memory, persistent_workers: DataLoader settings.
-        train_scales: short-side sizes drawn per training image (default 480, 512, ..., 800); ``max_size`` caps the
-            long side (1333).
+        train_scales: short-side sizes drawn per training image (default 480, 512, ..., 800); ``train_max_size``
+            caps the long side (1333). The evaluation size is the model's (``min_size`` / ``max_size``).
         hflip: horizontal flip probability.
         aspect_ratio_bins: width/height ratios that group the training batches (each batch has images of one bin;
             default portrait / landscape); ``None``: one bin.
@@ -202,12 +204,12 @@ class CocoDataModule(pl.LightningDataModule):
         predict_ann: str | None = None,
         predict_images: str | None = None,
         batch_size: int = 2,
-        eval_batch_size: int | None = None,
+        eval_batch_size: int = 1,
         num_workers: int = 4,
         pin_memory: bool = True,
         persistent_workers: bool = True,
         train_scales: Sequence[int] = DEFAULT_SCALES,
-        max_size: int = 1333,
+        train_max_size: int = 1333,
         hflip: float = 0.5,
         aspect_ratio_bins: Sequence[float] | None = (0.75, 1.333),
         with_masks: bool | None = None,
@@ -221,15 +223,19 @@ class CocoDataModule(pl.LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if not train_scales or any(int(s) < 1 for s in train_scales):
             raise ValueError(f"train_scales must be a non-empty list of positive sizes, got {list(train_scales)}")
-        if max_size < max(train_scales):
-            raise ValueError(f"max_size ({max_size}) must be >= the largest train scale ({max(train_scales)})")
+        if train_max_size < max(train_scales):
+            raise ValueError(
+                f"train_max_size ({train_max_size}) must be >= the largest train scale ({max(train_scales)})"
+            )
         if not 0.0 <= hflip <= 1.0:
             raise ValueError(f"hflip must be a probability in [0, 1], got {hflip}")
         if aspect_ratio_bins is not None:
             check_aspect_ratios(aspect_ratio_bins, "aspect_ratio_bins", distinct=True)
         self.save_hyperparameters()
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        if eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be positive, got {eval_batch_size}")
+        self.eval_batch_size = eval_batch_size
         self.datasets: dict[str, DetectionDataset] = {}
         self.category_ids: list[int] | None = None
         self.categories: list[dict] | None = None
@@ -275,7 +281,7 @@ class CocoDataModule(pl.LightningDataModule):
         return v2.Compose(
             [
                 v2.ToImage(),
-                v2.RandomShortestSize(list(hp.train_scales), max_size=hp.max_size, antialias=True),
+                v2.RandomShortestSize(list(hp.train_scales), max_size=hp.train_max_size, antialias=True),
                 v2.RandomHorizontalFlip(hp.hflip),
                 v2.ToDtype(torch.float32, scale=True),
                 v2.SanitizeBoundingBoxes(min_size=1.0),
