@@ -3,6 +3,8 @@
 Works on token sequences ``(B, N, C)`` (plain ViTs, class token included) and on channels-last maps
 ``(B, H, W, C)`` (registered as the ``"attention"`` token mixer). Parameter names follow timm's ``Attention``
 (``qkv``, ``q_norm``, ``k_norm``, ``norm``, ``gate``, ``proj``) so timm ViT checkpoints load unchanged.
+:meth:`Attention._attend` is the one attention core (``qkv -> SDPA -> norm -> gate``) that this mixer, BiFormer's
+:class:`~attnzoo.layers.GlobalAttentionLePE` and token merging share.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ the unpatched model. A merging block is evaluated from its own sub-modules in th
 ``x + drop_path(ls1(attn(norm1(x))))``, merge, ``x + drop_path(ls2(mlp(norm2(x))))``, its attention through attnzoo's
 attention core (:meth:`attnzoo.layers.Attention._attend`, which also returns the keys ToMe matches on):
 ``q_norm``/``k_norm`` (qk-norm models), the attention ``norm`` (scale-norm), output gates and LayerScale are all
-honoured. Supported blocks are timm's ``Block`` with timm's ``Attention`` and attnzoo's
-``TransformerBlock`` (without conditional position encoding) with attnzoo's ``Attention``; anything else raises
-``TypeError`` instead of silently computing something different.
+honoured. Supported blocks are timm's ``Block`` and attnzoo's ``TransformerBlock`` (without conditional position
+encoding), each with timm's or attnzoo's ``Attention`` (or a subclass that keeps its ``forward``, e.g. the gated ViT's
+attention); anything else raises ``TypeError`` instead of silently computing something different.
 """
 
 from __future__ import annotations
