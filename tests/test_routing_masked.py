@@ -202,11 +202,11 @@ def test_triton_kernel_masks_padded_keys_whatever_their_content():
     its top-left 6 x 9 only (regions 2 and 3 entirely padding), random content in the padding, and routes whose first
     region is entirely padding (a first key block without a valid key): output and dq/dk/dv match the masked
     reference, and padded keys get zero dk/dv."""
-    from attnzoo.kernels.routing.op import routed_attention_fwd
+    from attnzoo.kernels.routing.ops import routed_attention_forward_op
 
     q, k, v = _qkv((1, 16, 16, 1, 16), dtype=torch.float32, device=DEVICE)
     index = torch.tensor([[[2, 0], [3, 1], [0, 2], [1, 3]]], device=DEVICE)
-    out = routed_attention_fwd(q, k, v, index, 2, "map", 0.25, 6, 9)[0]
+    out = routed_attention_forward_op(q, k, v, index, 2, "map", 0.25, 6, 9)[0]
     valid = torch.zeros(16, 16, dtype=torch.bool, device=DEVICE)
     valid[:6, :9] = True
     key_valid = map_to_regions(valid[None, :, :, None, None], 2).reshape(4, 64)

@@ -113,13 +113,13 @@ def test_inverted_routing_index():
 
 @pytest.mark.parametrize("layout", ["regions", "masked map"])
 def test_custom_op_passes_opcheck(layout):
-    from attnzoo.kernels.routing.op import routed_attention_fwd
+    from attnzoo.kernels.routing.ops import routed_attention_forward_op
 
     q, k, v = _inputs((1, 4, 2, 1, 16) if layout == "regions" else (1, 4, 4, 1, 16))
     index = torch.tensor([[[0, 1], [2, 0], [1, 3], [3, 2]]], device=DEVICE)
     # masked map: n_win 2 regions of 2 x 2 tokens, keys outside the top-left 3 x 3 masked
     extra = ("regions", 0.25) if layout == "regions" else ("map", 0.25, 3, 3)
-    torch.library.opcheck(routed_attention_fwd, (q, k, v, index, 2, *extra))
+    torch.library.opcheck(routed_attention_forward_op, (q, k, v, index, 2, *extra))
 
 
 COMPILED = {  # inputs (B, 4, 4, 2, 16): a region-major 2 x 2 grid of 4 tokens, or a 4 x 4 map

@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_forward import LOG2E, block_d, dot_precision, launch_config, upcast_dot
+from ..triton_common import LOG2E, block_size, dot, dot_options
+from .triton_forward import launch_config
 from .triton_windows import (
-    dot,
     key_span,
     map_tile_offsets,
     query_span,
@@ -30,14 +30,14 @@ from .triton_windows import (
 @triton.jit
 def _na2d_backward_query_kernel(
     Q, K, V, RPB, DO, LSE, DELTA, DQ, DRPB,
-    sqb, sqh, sqw, sqn, sqd,
-    skb, skh, skw, skn, skd,
-    svb, svh, svw, svn, svd,
-    sdob, sdoh, sdow, sdon, sdod,
-    sdqb, sdqh, sdqw, sdqn, sdqd,
-    srn, srh, srw,
+    sq_b, sq_h, sq_w, sq_n, sq_d,
+    sk_b, sk_h, sk_w, sk_n, sk_d,
+    sv_b, sv_h, sv_w, sv_n, sv_d,
+    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d,
+    sdq_b, sdq_h, sdq_w, sdq_n, sdq_d,
+    sr_n, sr_h, sr_w,
     heads, H, W, padded_h, padded_w, dil_h, dil_w, tiles_per_group_h, tiles_per_group_w, tiles_w,
-    qk_scale, scale, D,
+    qk_scale_log2, scale, D,
     KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -68,10 +68,12 @@ def _na2d_backward_query_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q_mask = q_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + map_tile_offsets(b, n, qrow, qcol, offs_d, sqb, sqn, sqh, sqw, sqd), mask=q_mask, other=0.0)
-    do = tl.load(DO + map_tile_offsets(b, n, qrow, qcol, offs_d, sdob, sdon, sdoh, sdow, sdod), mask=q_mask, other=0.0)
+    q = tl.load(Q + map_tile_offsets(b, n, qrow, qcol, offs_d, sq_b, sq_n, sq_h, sq_w, sq_d), mask=q_mask, other=0.0)
+    do = tl.load(
+        DO + map_tile_offsets(b, n, qrow, qcol, offs_d, sdo_b, sdo_n, sdo_h, sdo_w, sdo_d), mask=q_mask, other=0.0
+    )
     stat_offs = pid_bh * H * W + qrow * W + qcol
-    lse = tl.load(LSE + stat_offs, mask=q_ok, other=0.0) * 1.4426950408889634
+    lse = tl.load(LSE + stat_offs, mask=q_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + stat_offs, mask=q_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
@@ -84,20 +86,24 @@ def _na2d_backward_query_kernel(
         kcol = kpos_w * dil_w + group_w
         k_ok = (offs_k < num_keys) & (krow < H) & (kcol < W)
         kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + map_tile_offsets(b, n, krow, kcol, offs_d, skb, skn, skh, skw, skd), mask=kv_mask, other=0.0)
-        v = tl.load(V + map_tile_offsets(b, n, krow, kcol, offs_d, svb, svn, svh, svw, svd), mask=kv_mask, other=0.0)
+        k = tl.load(
+            K + map_tile_offsets(b, n, krow, kcol, offs_d, sk_b, sk_n, sk_h, sk_w, sk_d), mask=kv_mask, other=0.0
+        )
+        v = tl.load(
+            V + map_tile_offsets(b, n, krow, kcol, offs_d, sv_b, sv_n, sv_h, sv_w, sv_d), mask=kv_mask, other=0.0
+        )
         inside = (
             window_contains(qstart_h[:, None], kpos_h[None, :], KERNEL_H)
             & window_contains(qstart_w[:, None], kpos_w[None, :], KERNEL_W)
             & k_ok[None, :]
             & q_ok[:, None]
         )
-        s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale_log2
         if HAS_RPB:
             rel_h = kpos_h[None, :] - qpos_h[:, None] + KERNEL_H - 1
             rel_w = kpos_w[None, :] - qpos_w[:, None] + KERNEL_W - 1
-            bias = tl.load(RPB + n * srn + rel_h * srh + rel_w * srw, mask=inside, other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
+            bias = tl.load(RPB + n * sr_n + rel_h * sr_h + rel_w * sr_w, mask=inside, other=0.0)
+            s += bias.to(tl.float32) * LOG2E
         p = tl.where(inside, tl.exp2(s - lse[:, None]), 0.0)
         dp = dot(do, tl.trans(v), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
@@ -106,22 +112,22 @@ def _na2d_backward_query_kernel(
             cell = (pid_bh * tl.num_programs(0) + pid_tile) * TABLE + rel_h * TABLE_W + rel_w
             tl.atomic_add(DRPB + cell, ds, mask=inside)
 
-    dq_ptrs = DQ + map_tile_offsets(b, n, qrow, qcol, offs_d, sdqb, sdqn, sdqh, sdqw, sdqd)
+    dq_ptrs = DQ + map_tile_offsets(b, n, qrow, qcol, offs_d, sdq_b, sdq_n, sdq_h, sdq_w, sdq_d)
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
 def _na2d_backward_key_kernel(
     Q, K, V, RPB, DO, LSE, DELTA, DK, DV,
-    sqb, sqh, sqw, sqn, sqd,
-    skb, skh, skw, skn, skd,
-    svb, svh, svw, svn, svd,
-    sdob, sdoh, sdow, sdon, sdod,
-    sdkb, sdkh, sdkw, sdkn, sdkd,
-    sdvb, sdvh, sdvw, sdvn, sdvd,
-    srn, srh, srw,
+    sq_b, sq_h, sq_w, sq_n, sq_d,
+    sk_b, sk_h, sk_w, sk_n, sk_d,
+    sv_b, sv_h, sv_w, sv_n, sv_d,
+    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d,
+    sdk_b, sdk_h, sdk_w, sdk_n, sdk_d,
+    sdv_b, sdv_h, sdv_w, sdv_n, sdv_d,
+    sr_n, sr_h, sr_w,
     heads, H, W, padded_h, padded_w, dil_h, dil_w, tiles_per_group_h, tiles_per_group_w, tiles_w,
-    qk_scale, scale, D,
+    qk_scale_log2, scale, D,
     KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -148,8 +154,8 @@ def _na2d_backward_key_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     kv_mask = k_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + map_tile_offsets(b, n, krow, kcol, offs_d, skb, skn, skh, skw, skd), mask=kv_mask, other=0.0)
-    v = tl.load(V + map_tile_offsets(b, n, krow, kcol, offs_d, svb, svn, svh, svw, svd), mask=kv_mask, other=0.0)
+    k = tl.load(K + map_tile_offsets(b, n, krow, kcol, offs_d, sk_b, sk_n, sk_h, sk_w, sk_d), mask=kv_mask, other=0.0)
+    v = tl.load(V + map_tile_offsets(b, n, krow, kcol, offs_d, sv_b, sv_n, sv_h, sv_w, sv_d), mask=kv_mask, other=0.0)
 
     dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
@@ -162,12 +168,14 @@ def _na2d_backward_key_kernel(
         qcol = qpos_w * dil_w + group_w
         q_ok = (offs_q < num_queries) & (qrow < H) & (qcol < W)
         q_mask = q_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + map_tile_offsets(b, n, qrow, qcol, offs_d, sqb, sqn, sqh, sqw, sqd), mask=q_mask, other=0.0)
+        q = tl.load(
+            Q + map_tile_offsets(b, n, qrow, qcol, offs_d, sq_b, sq_n, sq_h, sq_w, sq_d), mask=q_mask, other=0.0
+        )
         do = tl.load(
-            DO + map_tile_offsets(b, n, qrow, qcol, offs_d, sdob, sdon, sdoh, sdow, sdod), mask=q_mask, other=0.0
+            DO + map_tile_offsets(b, n, qrow, qcol, offs_d, sdo_b, sdo_n, sdo_h, sdo_w, sdo_d), mask=q_mask, other=0.0
         )
         stat_offs = pid_bh * H * W + qrow * W + qcol
-        lse = tl.load(LSE + stat_offs, mask=q_ok, other=0.0) * 1.4426950408889634
+        lse = tl.load(LSE + stat_offs, mask=q_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + stat_offs, mask=q_ok, other=0.0)
         qstart_h = window_start(qpos_h, len_h, KERNEL_H)
         qstart_w = window_start(qpos_w, len_w, KERNEL_W)
@@ -177,21 +185,21 @@ def _na2d_backward_key_kernel(
             & k_ok[:, None]
             & q_ok[None, :]
         )  # (keys, queries)
-        st = dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale
+        st = dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale_log2
         if HAS_RPB:
             rel_h = kpos_h[:, None] - qpos_h[None, :] + KERNEL_H - 1
             rel_w = kpos_w[:, None] - qpos_w[None, :] + KERNEL_W - 1
-            bias = tl.load(RPB + n * srn + rel_h * srh + rel_w * srw, mask=inside, other=0.0)
-            st += bias.to(tl.float32) * 1.4426950408889634
+            bias = tl.load(RPB + n * sr_n + rel_h * sr_h + rel_w * sr_w, mask=inside, other=0.0)
+            st += bias.to(tl.float32) * LOG2E
         pt = tl.where(inside, tl.exp2(st - lse[None, :]), 0.0)
         dv += dot(pt.to(do.dtype), do, PRECISION, UPCAST)
         dpt = dot(v, tl.trans(do), PRECISION, UPCAST)
         dst = pt * (dpt - delta[None, :])
         dk += dot(dst.to(q.dtype), q, PRECISION, UPCAST)
 
-    dk_ptrs = DK + map_tile_offsets(b, n, krow, kcol, offs_d, sdkb, sdkn, sdkh, sdkw, sdkd)
+    dk_ptrs = DK + map_tile_offsets(b, n, krow, kcol, offs_d, sdk_b, sdk_n, sdk_h, sdk_w, sdk_d)
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    dv_ptrs = DV + map_tile_offsets(b, n, krow, kcol, offs_d, sdvb, sdvn, sdvh, sdvw, sdvd)
+    dv_ptrs = DV + map_tile_offsets(b, n, krow, kcol, offs_d, sdv_b, sdv_n, sdv_h, sdv_w, sdv_d)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -230,12 +238,25 @@ def na2d_backward(
         KERNEL_W=kernel_size[1],
         TILE_H=tile[0],
         TILE_W=tile[1],
-        BLOCK_D=block_d(D),
+        BLOCK_D=block_size(D),
         HAS_RPB=has_rpb,
-        PRECISION=dot_precision(q.dtype),
-        UPCAST=upcast_dot(q.dtype),
+        **dot_options(q.dtype),
     )
-    sizes = (heads, H, W, padded_h, padded_w, dilation[0], dilation[1], tpg_h, tpg_w, tiles_w, scale * LOG2E, scale, D)
+    sizes = (
+        heads,
+        H,
+        W,
+        padded_h,
+        padded_w,
+        dilation[0],
+        dilation[1],
+        tpg_h,
+        tpg_w,
+        tiles_w,
+        scale * LOG2E.value,
+        scale,
+        D,
+    )
     _na2d_backward_query_kernel[grid](
         q, k, v, rpb_arg, grad_out, lse, delta, dq, partial,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *rpb_strides,

@@ -12,22 +12,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import triton_interpreter_enabled
-from .triton_windows import dot, finite, key_span, map_tile_offsets, tile_origin, window_contains, window_start
-
-LOG2E = 1.4426950408889634
+from ..triton_common import LN2, LOG2E, block_size, dot, dot_options, finite
+from .triton_windows import key_span, map_tile_offsets, tile_origin, window_contains, window_start
 
 
 @triton.jit
 def _na2d_forward_kernel(
     Q, K, V, RPB, Out, LSE,
-    sqb, sqh, sqw, sqn, sqd,
-    skb, skh, skw, skn, skd,
-    svb, svh, svw, svn, svd,
-    sob, soh, sow, son, sod,
-    srn, srh, srw,
+    sq_b, sq_h, sq_w, sq_n, sq_d,
+    sk_b, sk_h, sk_w, sk_n, sk_d,
+    sv_b, sv_h, sv_w, sv_n, sv_d,
+    so_b, so_h, so_w, so_n, so_d,
+    sr_n, sr_h, sr_w,
     heads, H, W, padded_h, padded_w, dil_h, dil_w, tiles_per_group_h, tiles_per_group_w, tiles_w,
-    qk_scale, D,
+    qk_scale_log2, D,
     KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -55,7 +53,7 @@ def _na2d_forward_kernel(
 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q_ptrs = Q + map_tile_offsets(b, n, qrow, qcol, offs_d, sqb, sqn, sqh, sqw, sqd)
+    q_ptrs = Q + map_tile_offsets(b, n, qrow, qcol, offs_d, sq_b, sq_n, sq_h, sq_w, sq_d)
     q = tl.load(q_ptrs, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
     q_finite = tl.min(finite(q).to(tl.int32), axis=1) > 0
 
@@ -71,20 +69,24 @@ def _na2d_forward_kernel(
         kcol = kpos_w * dil_w + group_w
         k_ok = (offs_k < num_keys) & (krow < H) & (kcol < W)
         kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + map_tile_offsets(b, n, krow, kcol, offs_d, skb, skn, skh, skw, skd), mask=kv_mask, other=0.0)
-        v = tl.load(V + map_tile_offsets(b, n, krow, kcol, offs_d, svb, svn, svh, svw, svd), mask=kv_mask, other=0.0)
+        k = tl.load(
+            K + map_tile_offsets(b, n, krow, kcol, offs_d, sk_b, sk_n, sk_h, sk_w, sk_d), mask=kv_mask, other=0.0
+        )
+        v = tl.load(
+            V + map_tile_offsets(b, n, krow, kcol, offs_d, sv_b, sv_n, sv_h, sv_w, sv_d), mask=kv_mask, other=0.0
+        )
         inside = (
             window_contains(qstart_h[:, None], kpos_h[None, :], KERNEL_H)
             & window_contains(qstart_w[:, None], kpos_w[None, :], KERNEL_W)
             & k_ok[None, :]
         )
-        s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # log2 units
+        s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale_log2  # log2 units
         s = tl.where(tl.min(finite(k).to(tl.int32), axis=1)[None, :] > 0, s, float("nan"))
         if HAS_RPB:
             rel_h = kpos_h[None, :] - qpos_h[:, None] + KERNEL_H - 1
             rel_w = kpos_w[None, :] - qpos_w[:, None] + KERNEL_W - 1
-            bias = tl.load(RPB + n * srn + rel_h * srh + rel_w * srw, mask=inside, other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
+            bias = tl.load(RPB + n * sr_n + rel_h * sr_h + rel_w * sr_w, mask=inside, other=0.0)
+            s += bias.to(tl.float32) * LOG2E
         s = tl.where(inside, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet (padding rows) stay at 0
@@ -101,9 +103,9 @@ def _na2d_forward_kernel(
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = tl.where(q_finite[:, None], acc / l_safe[:, None], float("nan"))
-    o_ptrs = Out + map_tile_offsets(b, n, qrow, qcol, offs_d, sob, son, soh, sow, sod)
+    o_ptrs = Out + map_tile_offsets(b, n, qrow, qcol, offs_d, so_b, so_n, so_h, so_w, so_d)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
-    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+    lse = (m_i + tl.log2(l_safe)) * LN2
     tl.store(LSE + pid_bh * H * W + qrow * W + qcol, lse, mask=q_ok)
 
 
@@ -115,23 +117,6 @@ def launch_config(H: int, W: int, kernel_size: tuple[int, int], dilation: tuple[
         tiles_per_group = -(-per_group // t)
         config.append((max(length, k * d), tiles_per_group, d * tiles_per_group))
     return config
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs use exact fp32 products unless torch allows TF32 matmuls; half types use their tensor cores."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
-def upcast_dot(dtype: torch.dtype) -> bool:
-    """Whether ``tl.dot`` must multiply in fp32: bfloat16 under Triton's CPU interpreter, which computes it wrongly."""
-    return dtype == torch.bfloat16 and triton_interpreter_enabled()
-
-
-def block_d(head_dim: int) -> int:
-    """Head dim padded to a power of two, at least 16 (``tl.dot`` tiles)."""
-    return max(16, triton.next_power_of_2(head_dim))
 
 
 def na2d_forward(
@@ -162,10 +147,10 @@ def na2d_forward(
         out.stride(0), out.stride(1), out.stride(2), out.stride(3), out.stride(4),
         *rpb_strides,
         heads, H, W, padded_h, padded_w, dilation[0], dilation[1], tpg_h, tpg_w, tiles_w,
-        scale * LOG2E, D,
+        scale * LOG2E.value, D,
         KERNEL_H=kernel_size[0], KERNEL_W=kernel_size[1],
         TILE_H=tile[0], TILE_W=tile[1],
-        BLOCK_K=block_k, BLOCK_D=block_d(D),
-        HAS_RPB=rpb is not None, PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
+        BLOCK_K=block_k, BLOCK_D=block_size(D),
+        HAS_RPB=rpb is not None, **dot_options(q.dtype),
     )  # fmt: skip
     return out, lse

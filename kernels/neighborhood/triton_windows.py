@@ -1,5 +1,4 @@
-"""Window arithmetic shared by the Triton neighborhood-attention kernels (the in-kernel twin of :mod:`.windows`),
-and their matmul helper.
+"""Window arithmetic shared by the Triton neighborhood-attention kernels (the in-kernel twin of :mod:`.windows`).
 
 A program works on a tile of ``TILE`` consecutive group positions per axis of one dilation group. Tiles are numbered
 group-major: tile ``t`` of an axis is tile ``t % tiles_per_group`` of group ``t // tiles_per_group``.
@@ -56,18 +55,3 @@ def map_tile_offsets(b, n, row, col, offs_d, stride_b, stride_n, stride_h, strid
     """Element offsets of the ``(len(row), len(offs_d))`` tile at pixels ``(row, col)`` of batch ``b`` and head ``n``
     of a strided ``(B, H, W, heads, D)`` map."""
     return b * stride_b + n * stride_n + row[:, None] * stride_h + col[:, None] * stride_w + offs_d[None, :] * stride_d
-
-
-@triton.jit
-def dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """``tl.dot`` with fp32 accumulation; ``UPCAST`` multiplies in fp32 (Triton's CPU interpreter computes bfloat16
-    ``tl.dot`` wrongly, so interpreted bfloat16 kernels set it)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
-def finite(x):
-    """Elementwise: ``x`` is neither NaN nor infinite."""
-    return tl.abs(x) < float("inf")

@@ -19,6 +19,7 @@ import torch
 from ..arguments import check_head_dims, check_int, empty_output
 from ..dispatch import resolve_backend
 from ..flops import charged, routed_attention_macs
+from .ops import routed_attention_triton
 from .reference import (
     bra2d_reference,
     pad_map,
@@ -180,9 +181,7 @@ def routed_attention(
 def _routed_attention_dispatch(q, k, v, index, n_win: int, scale: float, backend: str) -> torch.Tensor:
     if backend == "reference":
         return routed_attention_reference(q, k, v, index, scale)
-    from .op import routed_attention_fwd
-
-    return routed_attention_fwd(q, k, v, index, n_win, "regions", scale)[0]
+    return routed_attention_triton(q, k, v, index, n_win, "regions", scale)
 
 
 def bra2d(
@@ -239,13 +238,11 @@ def bra2d_macs(q: torch.Tensor, v: torch.Tensor, n_win: int, topk: int) -> int:
 def _bra2d_dispatch(q, k, v, n_win: int, topk: int, scale: float, backend: str, padding: str) -> torch.Tensor:
     if backend == "reference":
         return bra2d_reference(q, k, v, n_win, topk, scale, padding == "mask")[0]
-    from .op import routed_attention_fwd
-
     H, W = q.shape[1], q.shape[2]
     q, k, v = pad_map(q, n_win), pad_map(k, n_win), pad_map(v, n_win)
     padded = q.shape[1] != H or q.shape[2] != W
     masked = padding == "mask" and padded
     index = route_map(q, k, n_win, topk, valid_tokens(H, W, n_win, q.device) if masked else None)
     valid_hw = (H, W) if masked else (0, 0)
-    out = routed_attention_fwd(q, k, v, index, n_win, "map", scale, *valid_hw)[0]
+    out = routed_attention_triton(q, k, v, index, n_win, "map", scale, *valid_hw)
     return out[:, :H, :W] if padded else out

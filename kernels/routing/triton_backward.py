@@ -1,9 +1,9 @@
 """Fused, deterministic routed-attention backward (Triton): no atomics, every gradient element written once.
 
-* ``routed_attention_bwd_dq_kernel``: one program per (query block, query region, batch x head) walks the same
+* ``_routed_attention_backward_query_kernel``: one program per (query block, query region, batch x head) walks the same
   routed keys as the forward, recomputes the probabilities from the saved log-sum-exp and accumulates ``dQ``; it also
   stores ``delta = rowsum(dO * O)`` for the second kernel.
-* ``routed_attention_bwd_dkv_kernel``: one program per (key block, key region, batch x head) walks the *inverted*
+* ``_routed_attention_backward_key_kernel``: one program per (key block, key region, batch x head) walks the *inverted*
   routing index — the (query region, slot) pairs that routed to this key region, built by
   :func:`invert_routing_index` with a stable sort — and accumulates ``dK`` and ``dV`` for its keys. Query tokens of
   several small regions share one block (query ``m`` of the list is token ``m % T`` of entry ``m // T``).
@@ -18,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_forward import mm, token_in_map, token_offsets
+from ..triton_common import LOG2E, dot, dot_options
+from .layout import region_shape, token_strides
+from .triton_forward import block_sizes, mask_args, token_in_map, token_offsets
 
 
 def invert_routing_index(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +41,7 @@ def invert_routing_index(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 @triton.jit
-def routed_attention_bwd_dq_kernel(
+def _routed_attention_backward_query_kernel(
     Q, K, V, Out, DOut, DQ, Lse, Delta, Index,
     sq_b, sq_ry, sq_rx, sq_ty, sq_tx, sq_h, sq_d,
     sk_b, sk_ry, sk_rx, sk_ty, sk_tx, sk_h, sk_d,
@@ -52,7 +54,7 @@ def routed_attention_bwd_dq_kernel(
     HEADS, S, R, T, RW, TOPK, D_QK, D_V, H_VALID, W_VALID,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST: tl.constexpr,
     MASK_PAD: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -104,11 +106,11 @@ def routed_attention_bwd_dq_kernel(
             mask=n_valid[:, None] & dv_valid[None, :],
             other=0.0,
         )
-        s = mm(q, tl.trans(k), PRECISION, UPCAST_DOT) * qk_scale_log2
+        s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale_log2
         p = tl.where(key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = mm(do, tl.trans(v), PRECISION, UPCAST_DOT)
+        dp = dot(do, tl.trans(v), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
-        dq += mm(ds.to(k.dtype), k, PRECISION, UPCAST_DOT)
+        dq += dot(ds.to(k.dtype), k, PRECISION, UPCAST)
 
     dq_rows = token_offsets(r, offs_m, S, RW, sdq_ry, sdq_rx, sdq_ty, sdq_tx)
     tl.store(
@@ -119,7 +121,7 @@ def routed_attention_bwd_dq_kernel(
 
 
 @triton.jit
-def routed_attention_bwd_dkv_kernel(
+def _routed_attention_backward_key_kernel(
     Q, K, V, DOut, DK, DV, Lse, Delta, Queries, Offsets,
     sq_b, sq_ry, sq_rx, sq_ty, sq_tx, sq_h, sq_d,
     sk_b, sk_ry, sk_rx, sk_ty, sk_tx, sk_h, sk_d,
@@ -131,7 +133,7 @@ def routed_attention_bwd_dkv_kernel(
     HEADS, S, R, T, RW, TOPK, D_QK, D_V, H_VALID, W_VALID,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST: tl.constexpr,
     MASK_PAD: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
@@ -183,14 +185,14 @@ def routed_attention_bwd_dkv_kernel(
         stat = stats_row + qr * T + t
         lse = tl.load(Lse + stat, mask=m_valid, other=0.0)
         delta = tl.load(Delta + stat, mask=m_valid, other=0.0)
-        s_t = mm(k, tl.trans(q), PRECISION, UPCAST_DOT) * qk_scale_log2  # (BLOCK_N, BLOCK_M)
+        s_t = dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale_log2  # (BLOCK_N, BLOCK_M)
         p_t = tl.where(m_valid[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
         if MASK_PAD:
             p_t = tl.where(key_ok[:, None], p_t, 0.0)
-        dv += mm(p_t.to(do.dtype), do, PRECISION, UPCAST_DOT)
-        dp_t = mm(v, tl.trans(do), PRECISION, UPCAST_DOT)
+        dv += dot(p_t.to(do.dtype), do, PRECISION, UPCAST)
+        dp_t = dot(v, tl.trans(do), PRECISION, UPCAST)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += mm(ds_t.to(q.dtype), q, PRECISION, UPCAST_DOT)
+        dk += dot(ds_t.to(q.dtype), q, PRECISION, UPCAST)
 
     dk_rows = token_offsets(kr, offs_n, S, RW, sdk_ry, sdk_rx, sdk_ty, sdk_tx)
     tl.store(
@@ -204,3 +206,51 @@ def routed_attention_bwd_dkv_kernel(
         dv.to(DV.dtype.element_ty),
         mask=vmask,
     )
+
+
+def routed_attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    n_win: int,
+    layout: str,
+    scale: float,
+    valid_h: int = 0,
+    valid_w: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` of :func:`.triton_forward.routed_attention_forward`, in the inputs' layouts."""
+    B, heads, d_qk, d_v = q.shape[0], q.shape[3], q.shape[4], v.shape[4]
+    R = n_win * n_win
+    T, region_w = region_shape(q, n_win, layout)
+    topk = index.shape[-1]
+    index = index.to(torch.int32).contiguous()
+    queries, offsets = invert_routing_index(index)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    strides = {name: token_strides(t, n_win, layout) for name, t in dict(q=q, k=k, v=v, o=out, do=dout).items()}
+    common = (scale, scale * LOG2E.value, heads, n_win, R, T, region_w, topk, d_qk, d_v)
+    options = {**dot_options(q.dtype), **mask_args(q, layout, valid_h, valid_w)}
+
+    block_m, block_n, block_dqk, block_dv = block_sizes(T, topk * T, d_qk, d_v)
+    _routed_attention_backward_query_kernel[(triton.cdiv(T, block_m), R, B * heads)](
+        q, k, v, out, dout, dq, lse, delta, index,
+        *strides["q"], *strides["k"], *strides["v"], *strides["o"], *strides["do"],
+        *token_strides(dq, n_win, layout),
+        index.stride(0), index.stride(1),
+        *common,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, **options,
+    )  # fmt: skip
+    # key side: blocks over one region's tokens; query side: over the (mean topk) routed query tokens
+    block_n, block_m, _, _ = block_sizes(T, topk * T, d_qk, d_v)
+    _routed_attention_backward_key_kernel[(triton.cdiv(T, block_n), R, B * heads)](
+        q, k, v, dout, dk, dv, lse, delta, queries, offsets,
+        *strides["q"], *strides["k"], *strides["v"], *strides["do"],
+        *token_strides(dk, n_win, layout), *token_strides(dv, n_win, layout),
+        *common,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, **options,
+    )  # fmt: skip
+    return dq, dk, dv

@@ -10,10 +10,12 @@ outside the valid ``H_VALID x W_VALID`` top-left part of the padded map are left
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-LOG2_E = 1.4426950408889634
+from ..triton_common import LOG2E, block_size, dot, dot_options
+from .layout import region_shape, token_strides
 
 
 @triton.jit
@@ -32,16 +34,7 @@ def token_in_map(region, t, S, RW, RH, H_VALID, W_VALID):
 
 
 @triton.jit
-def mm(a, b, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """``tl.dot`` with fp32 accumulation; ``UPCAST_DOT`` multiplies in float32 (Triton's CPU interpreter computes
-    bfloat16 ``tl.dot`` wrongly)."""
-    if UPCAST_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
-def routed_attention_fwd_kernel(
+def _routed_attention_forward_kernel(
     Q, K, V, Out, Lse, Index,
     sq_b, sq_ry, sq_rx, sq_ty, sq_tx, sq_h, sq_d,
     sk_b, sk_ry, sk_rx, sk_ty, sk_tx, sk_h, sk_d,
@@ -52,7 +45,7 @@ def routed_attention_fwd_kernel(
     HEADS, S, R, T, RW, TOPK, D_QK, D_V, H_VALID, W_VALID,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST: tl.constexpr,
     MASK_PAD: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -94,7 +87,7 @@ def routed_attention_fwd_kernel(
             mask=n_valid[:, None] & dqk_valid[None, :],
             other=0.0,
         )
-        s = mm(q, tl.trans(k), PRECISION, UPCAST_DOT) * qk_scale_log2
+        s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale_log2
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = m_new
@@ -109,7 +102,7 @@ def routed_attention_fwd_kernel(
             mask=n_valid[:, None] & dv_valid[None, :],
             other=0.0,
         )
-        acc = acc * alpha[:, None] + mm(p.to(v.dtype), v, PRECISION, UPCAST_DOT)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
 
     acc = acc / l_i[:, None]
@@ -121,3 +114,51 @@ def routed_attention_fwd_kernel(
     )
     # Lse: contiguous (B, heads, R, T)
     tl.store(Lse + ((b * HEADS + h) * R + r) * T + offs_m, m_i + tl.log2(l_i), mask=m_valid)
+
+
+def block_sizes(tokens: int, keys: int, d_qk: int, d_v: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)``: >= 16 (``tl.dot``), smaller blocks for wide heads."""
+    block_dqk, block_dv = block_size(d_qk), block_size(d_v)
+    cap = 64 if max(block_dqk, block_dv) <= 64 else 32
+    return min(cap, block_size(tokens)), min(cap, block_size(keys)), block_dqk, block_dv
+
+
+def mask_args(q: torch.Tensor, layout: str, valid_h: int, valid_w: int) -> dict[str, object]:
+    """Kernel arguments of the padded-key mask: on only for a ``"map"`` actually padded beyond ``valid_h x valid_w``."""
+    on = layout == "map" and valid_h > 0 and (valid_h < q.shape[1] or valid_w < q.shape[2])
+    return {"H_VALID": valid_h, "W_VALID": valid_w, "MASK_PAD": on}
+
+
+def routed_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: torch.Tensor,
+    n_win: int,
+    layout: str,
+    scale: float,
+    valid_h: int = 0,
+    valid_w: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel (arguments as :func:`.ops.routed_attention_forward_op`); returns ``(out, lse)`` with
+    ``out`` in ``q``'s layout (last dim ``Dv``) and ``lse`` base-2 float32 ``(B, heads, S*S, T)``."""
+    B, heads, d_qk, d_v = q.shape[0], q.shape[3], q.shape[4], v.shape[4]
+    R = n_win * n_win
+    T, region_w = region_shape(q, n_win, layout)
+    topk = index.shape[-1]
+    index = index.to(torch.int32).contiguous()
+    out = q.new_empty((*q.shape[:-1], d_v))
+    lse = torch.empty((B, heads, R, T), device=q.device, dtype=torch.float32)
+    block_m, block_n, block_dqk, block_dv = block_sizes(T, topk * T, d_qk, d_v)
+    grid = (triton.cdiv(T, block_m), R, B * heads)
+    _routed_attention_forward_kernel[grid](
+        q, k, v, out, lse, index,
+        *token_strides(q, n_win, layout), *token_strides(k, n_win, layout),
+        *token_strides(v, n_win, layout), *token_strides(out, n_win, layout),
+        index.stride(0), index.stride(1),
+        scale * LOG2E.value,
+        heads, n_win, R, T, region_w, topk, d_qk, d_v,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, **dot_options(q.dtype),
+        **mask_args(q, layout, valid_h, valid_w),
+    )  # fmt: skip
+    return out, lse
