@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from pycocotools import mask as mask_utils
 from torchvision.io import write_png
@@ -102,6 +102,18 @@ class DetectionSummary(TrainingSummary):
 
     KEYS = ("val/bbox_AP", "val/bbox_AP50", "val/segm_AP", "val/segm_AP50")
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._checkpoints = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+        super().on_fit_end(trainer, pl_module)
+
+    def _last_checkpoint(self) -> str | None:
+        """``last.ckpt``: the CLI's ``last_checkpoint`` callback keeps it as its only (monitor-free) top-1 file."""
+        for cb in getattr(self, "_checkpoints", []):
+            path = cb.last_model_path or (cb.best_model_path if cb.filename == "last" else "")
+            if path:
+                return path
+        return None
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
@@ -119,8 +131,9 @@ class DetectionSummary(TrainingSummary):
             if key in s["metrics"]:
                 best = f" (best {s['best'][key]:.4f})" if key in s["best"] else ""
                 lines.append(f"  {key}: {s['metrics'][key]:.4f}{best}")
-        if s["last_checkpoint"]:
-            lines.append(f"  last checkpoint: {s['last_checkpoint']}")
+        last = s["last_checkpoint"] or self._last_checkpoint()
+        if last:
+            lines.append(f"  last checkpoint: {last}")
         if s["log_dir"]:
             lines.append(f"  logs: {s['log_dir']}")
         print("\n".join(lines), flush=True)
