@@ -106,6 +106,15 @@ def test_missing_image_file_names_file_and_id(tmp_path):
         make_dm(_write(tmp_path, data), images).setup("fit")
 
 
+def test_unreadable_image_file_names_file_and_id(tmp_path):
+    data, images = _base(tmp_path)
+    (images / data["images"][0]["file_name"]).write_bytes(b"not a png")
+    dm = make_dm(_write(tmp_path, data), images)
+    dm.setup("validate")
+    with pytest.raises(ValueError, match=r"cannot read image .*000\.png \(image id 100\)"):
+        next(iter(dm.val_dataloader()))
+
+
 def test_unknown_image_or_category_names_the_annotation(tmp_path):
     data, images = _base(tmp_path)
     data["annotations"][0]["image_id"] = 999

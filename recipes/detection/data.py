@@ -121,7 +121,12 @@ class DetectionDataset(Dataset):
         return self._item(index)
 
     def _item(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        image, raw = self.wrapped[index]
+        try:
+            image, raw = self.wrapped[index]
+        except (OSError, SyntaxError, ValueError) as err:  # PIL: truncated / unidentified / corrupt files
+            image_id = self.base.ids[index]
+            path = os.path.join(self.base.root, self.base.coco.imgs[image_id]["file_name"])
+            raise ValueError(f"cannot read image {path} (image id {image_id}): {err}") from err
         image, target = self.transform(image, self._target(image, raw))
         out = {"image_id": target["image_id"], "boxes": target["boxes"].as_subclass(torch.Tensor).float()}
         out["labels"] = target["labels"]
