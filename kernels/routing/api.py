@@ -19,7 +19,7 @@ import torch
 from ..arguments import check_head_dims, check_int, empty_output
 from ..dispatch import resolve_backend
 from ..flops import charged, routed_attention_macs
-from .ops import routed_attention_triton
+from .ops import routed_attention_forward_op
 from .reference import (
     bra2d_reference,
     pad_map,
@@ -181,7 +181,7 @@ def routed_attention(
 def _routed_attention_dispatch(q, k, v, index, n_win: int, scale: float, backend: str) -> torch.Tensor:
     if backend == "reference":
         return routed_attention_reference(q, k, v, index, scale)
-    return routed_attention_triton(q, k, v, index, n_win, "regions", scale)
+    return routed_attention_forward_op(q, k, v, index, n_win, "regions", scale)[0]
 
 
 def bra2d(
@@ -244,5 +244,5 @@ def _bra2d_dispatch(q, k, v, n_win: int, topk: int, scale: float, backend: str, 
     masked = padding == "mask" and padded
     index = route_map(q, k, n_win, topk, valid_tokens(H, W, n_win, q.device) if masked else None)
     valid_hw = (H, W) if masked else (0, 0)
-    out = routed_attention_triton(q, k, v, index, n_win, "map", scale, *valid_hw)
+    out = routed_attention_forward_op(q, k, v, index, n_win, "map", scale, *valid_hw)[0]
     return out[:, :H, :W] if padded else out

@@ -18,9 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import LOG2E, dot, dot_options
-from .layout import region_shape, token_strides
-from .triton_forward import block_sizes, mask_args, token_in_map, token_offsets
+from ..triton_common import dot
+from .triton_forward import token_in_map, token_offsets
 
 
 def invert_routing_index(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,51 +205,3 @@ def _routed_attention_backward_key_kernel(
         dv.to(DV.dtype.element_ty),
         mask=vmask,
     )
-
-
-def routed_attention_backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    index: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    n_win: int,
-    layout: str,
-    scale: float,
-    valid_h: int = 0,
-    valid_w: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(dq, dk, dv)`` of :func:`.triton_forward.routed_attention_forward`, in the inputs' layouts."""
-    B, heads, d_qk, d_v = q.shape[0], q.shape[3], q.shape[4], v.shape[4]
-    R = n_win * n_win
-    T, region_w = region_shape(q, n_win, layout)
-    topk = index.shape[-1]
-    index = index.to(torch.int32).contiguous()
-    queries, offsets = invert_routing_index(index)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    delta = torch.empty_like(lse)
-    strides = {name: token_strides(t, n_win, layout) for name, t in dict(q=q, k=k, v=v, o=out, do=dout).items()}
-    common = (scale, scale * LOG2E.value, heads, n_win, R, T, region_w, topk, d_qk, d_v)
-    options = {**dot_options(q.dtype), **mask_args(q, layout, valid_h, valid_w)}
-
-    block_m, block_n, block_dqk, block_dv = block_sizes(T, topk * T, d_qk, d_v)
-    _routed_attention_backward_query_kernel[(triton.cdiv(T, block_m), R, B * heads)](
-        q, k, v, out, dout, dq, lse, delta, index,
-        *strides["q"], *strides["k"], *strides["v"], *strides["o"], *strides["do"],
-        *token_strides(dq, n_win, layout),
-        index.stride(0), index.stride(1),
-        *common,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, **options,
-    )  # fmt: skip
-    # key side: blocks over one region's tokens; query side: over the (mean topk) routed query tokens
-    block_n, block_m, _, _ = block_sizes(T, topk * T, d_qk, d_v)
-    _routed_attention_backward_key_kernel[(triton.cdiv(T, block_n), R, B * heads)](
-        q, k, v, dout, dk, dv, lse, delta, queries, offsets,
-        *strides["q"], *strides["k"], *strides["v"], *strides["do"],
-        *token_strides(dk, n_win, layout), *token_strides(dv, n_win, layout),
-        *common,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, **options,
-    )  # fmt: skip
-    return dq, dk, dv

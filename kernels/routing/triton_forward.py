@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import LOG2E, block_size, dot, dot_options
-from .layout import region_shape, token_strides
+from ..triton_common import block_size, dot
 
 
 @triton.jit
@@ -127,38 +126,3 @@ def mask_args(q: torch.Tensor, layout: str, valid_h: int, valid_w: int) -> dict[
     """Kernel arguments of the padded-key mask: on only for a ``"map"`` actually padded beyond ``valid_h x valid_w``."""
     on = layout == "map" and valid_h > 0 and (valid_h < q.shape[1] or valid_w < q.shape[2])
     return {"H_VALID": valid_h, "W_VALID": valid_w, "MASK_PAD": on}
-
-
-def routed_attention_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    index: torch.Tensor,
-    n_win: int,
-    layout: str,
-    scale: float,
-    valid_h: int = 0,
-    valid_w: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the forward kernel (arguments as :func:`.ops.routed_attention_forward_op`); returns ``(out, lse)`` with
-    ``out`` in ``q``'s layout (last dim ``Dv``) and ``lse`` base-2 float32 ``(B, heads, S*S, T)``."""
-    B, heads, d_qk, d_v = q.shape[0], q.shape[3], q.shape[4], v.shape[4]
-    R = n_win * n_win
-    T, region_w = region_shape(q, n_win, layout)
-    topk = index.shape[-1]
-    index = index.to(torch.int32).contiguous()
-    out = q.new_empty((*q.shape[:-1], d_v))
-    lse = torch.empty((B, heads, R, T), device=q.device, dtype=torch.float32)
-    block_m, block_n, block_dqk, block_dv = block_sizes(T, topk * T, d_qk, d_v)
-    grid = (triton.cdiv(T, block_m), R, B * heads)
-    _routed_attention_forward_kernel[grid](
-        q, k, v, out, lse, index,
-        *token_strides(q, n_win, layout), *token_strides(k, n_win, layout),
-        *token_strides(v, n_win, layout), *token_strides(out, n_win, layout),
-        index.stride(0), index.stride(1),
-        scale * LOG2E.value,
-        heads, n_win, R, T, region_w, topk, d_qk, d_v,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, **dot_options(q.dtype),
-        **mask_args(q, layout, valid_h, valid_w),
-    )  # fmt: skip
-    return out, lse
