@@ -6,7 +6,7 @@ from .backbone import HierarchicalVisionTransformer, Stage, build_stages
 from .block import ConvPosEnc, TransformerBlock
 from .downsample import ConvDownsample, PatchMerging
 from .gate import GATE_MODES, OutputGate, create_gate, gate_output
-from .mixer import check_no_attn_mask, create_mixer, get_mixer, list_mixers, register_mixer
+from .mixer import MapTokenMixer, check_no_attn_mask, create_mixer, get_mixer, list_mixers, register_mixer
 from .neighborhood_attention import NeighborhoodAttention2d
 from .pooling_mixer import PoolingMixer
 from .routing_attention import BiLevelRoutingAttention, GlobalAttentionLePE
@@ -43,6 +43,7 @@ __all__ = [
     "ConvStem",
     "GlobalAttentionLePE",
     "HierarchicalVisionTransformer",
+    "MapTokenMixer",
     "MergePlan",
     "MergedTokens",
     "NeighborhoodAttention2d",

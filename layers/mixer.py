@@ -12,6 +12,8 @@ Every mixer is called the same way, ``mixer(x, feat_size=None, attn_mask=None, i
   tokens); mixers that need no grid, or take maps (which carry it), ignore it;
 * ``attn_mask`` / ``is_causal``: as in ``F.scaled_dot_product_attention``, for mixers that attend over a whole
   sequence; the others raise ``ValueError`` when given one (:func:`check_no_attn_mask`).
+
+Mixers on maps that take no mask subclass :class:`MapTokenMixer` and implement ``mix(x)``.
 """
 
 from __future__ import annotations
@@ -58,3 +60,25 @@ def check_no_attn_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
     """Raise ``ValueError`` if a mask reaches a token mixer that takes none."""
     if attn_mask is not None or is_causal:
         raise ValueError("attn_mask/is_causal given, but this token mixer takes no attention mask")
+
+
+class MapTokenMixer(nn.Module):
+    """Base of the token mixers on channels-last maps that take no attention mask.
+
+    ``forward`` has the one call form: it rejects masks, ignores ``feat_size`` (a map carries its grid) and returns
+    ``self.mix(x)``, which subclasses implement.
+    """
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        feat_size: list[int] | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        check_no_attn_mask(attn_mask, is_causal)
+        return self.mix(x)
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C) -> (B, H, W, C)``."""
+        raise NotImplementedError

@@ -15,7 +15,7 @@ from timm.layers import trunc_normal_
 from attnzoo.kernels.neighborhood import na2d, na2d_reference
 
 from .gate import create_gate
-from .mixer import check_no_attn_mask, register_mixer
+from .mixer import MapTokenMixer, register_mixer
 
 
 def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
@@ -26,7 +26,7 @@ def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int
 
 
 @register_mixer("neighborhood")
-class NeighborhoodAttention2d(nn.Module):
+class NeighborhoodAttention2d(MapTokenMixer):
     """Multi-head 2-D neighborhood attention.
 
     Args:
@@ -93,15 +93,8 @@ class NeighborhoodAttention2d(nn.Module):
         d1 = max(1, min(self.dilation[1], width // self.kernel_size[1]))
         return d0, d1
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        feat_size: list[int] | None = None,
-        attn_mask: torch.Tensor | None = None,
-        is_causal: bool = False,
-    ) -> torch.Tensor:
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(B, H, W, C)`` for any ``H, W``. Returns ``(B, H, W, C)``."""
-        check_no_attn_mask(attn_mask, is_causal)
         B, H, W, C = x.shape
         q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
         dilation = self.effective_dilation(H, W)

@@ -10,17 +10,16 @@ group of ``dim / num_heads`` (``"headwise"``).
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from .gate import create_gate
-from .mixer import check_no_attn_mask, register_mixer
+from .mixer import MapTokenMixer, register_mixer
 
 __all__ = ["PoolingMixer"]
 
 
 @register_mixer("pooling")
-class PoolingMixer(nn.Module):
+class PoolingMixer(MapTokenMixer):
     """``(B, H, W, C) -> (B, H, W, C)``: ``avgpool(x) - x``, optionally gated.
 
     Args:
@@ -47,15 +46,8 @@ class PoolingMixer(nn.Module):
         self.pool_size = pool_size
         self.gate = create_gate(gate, dim, num_heads, dim // num_heads, device=device, dtype=dtype)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        feat_size: list[int] | None = None,
-        attn_mask: torch.Tensor | None = None,
-        is_causal: bool = False,
-    ) -> torch.Tensor:
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(B, H, W, C)``. Returns ``(B, H, W, C)``."""
-        check_no_attn_mask(attn_mask, is_causal)
         pooled = F.avg_pool2d(
             x.permute(0, 3, 1, 2), self.pool_size, stride=1, padding=self.pool_size // 2, count_include_pad=False
         ).permute(0, 2, 3, 1)

@@ -27,7 +27,7 @@ from attnzoo.kernels.routing.reference import bra2d_reference
 
 from .attention import Attention
 from .gate import create_gate
-from .mixer import check_no_attn_mask, register_mixer
+from .mixer import MapTokenMixer, register_mixer
 
 
 def _depthwise(dim: int, kernel_size: int, device=None, dtype=None) -> nn.Conv2d:
@@ -37,7 +37,7 @@ def _depthwise(dim: int, kernel_size: int, device=None, dtype=None) -> nn.Conv2d
 
 
 @register_mixer("routing")
-class BiLevelRoutingAttention(nn.Module):
+class BiLevelRoutingAttention(MapTokenMixer):
     """Bi-level routing attention with local context enhancement and an optional output gate.
 
     Args:
@@ -99,15 +99,8 @@ class BiLevelRoutingAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        feat_size: list[int] | None = None,
-        attn_mask: torch.Tensor | None = None,
-        is_causal: bool = False,
-    ) -> torch.Tensor:
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(B, H, W, dim)`` for any ``H, W``. Returns ``(B, H, W, dim)``."""
-        check_no_attn_mask(attn_mask, is_causal)
         B, H, W, C = x.shape
         pad_h, pad_w = (0, 0) if self.padding == "mask" else ((-H) % self.n_win, (-W) % self.n_win)
         if pad_h or pad_w:

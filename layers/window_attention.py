@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from .gate import create_gate
-from .mixer import check_no_attn_mask, register_mixer
+from .mixer import MapTokenMixer, register_mixer
 
 
 def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
@@ -80,7 +80,7 @@ def _shift_regions(size: int, window: int, shift: int, device: torch.device | No
 
 
 @register_mixer("window")
-class WindowAttention2d(nn.Module):
+class WindowAttention2d(MapTokenMixer):
     """(Shifted) window multi-head self-attention with a Swin relative position bias.
 
     Args:
@@ -186,15 +186,8 @@ class WindowAttention2d(nn.Module):
         same_region = region[:, :, None] == region[:, None, :]
         return same_region & (real[:, None, :] | ~real[:, :, None])
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        feat_size: list[int] | None = None,
-        attn_mask: torch.Tensor | None = None,
-        is_causal: bool = False,
-    ) -> torch.Tensor:
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(B, H, W, C)`` for any ``H, W``. Returns ``(B, H, W, C)``."""
-        check_no_attn_mask(attn_mask, is_causal)
         B, H, W, C = x.shape
         # An axis not longer than the window gets one window covering it, unshifted.
         win = (min(self.window_size[0], H), min(self.window_size[1], W))
