@@ -150,6 +150,13 @@ def test_pretrained_backbone_errors(tmp_path):
         tiny_detector("faster_rcnn", pretrained_backbone=str(tmp_path / "w.pth"))
 
 
+def test_public_names_resolve():
+    import attnzoo.recipes.detection as detection
+
+    for name in detection.__all__:
+        assert getattr(detection, name) is not None, name
+
+
 def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError, match="arch must be one of"):
         tiny_detector("yolo")

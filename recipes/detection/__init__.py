@@ -19,7 +19,10 @@ _EXPORTS = {
     "CocoDataModule": "data",
     "ObjectDetector": "module",
     "evaluate_coco": "evaluation",
+    "detections_to_coco": "evaluation",
+    "load_coco_json": "coco_json",
     "DetectionWriter": "writer",
+    "render_detections": "writer",
 }
 
 __all__ = sorted(_EXPORTS)
