@@ -14,7 +14,8 @@ Two kinds of models are handled, told apart by the rank of ``forward_features``'
 Structural checks run on the meta device (no weights allocated, cheap for every size); numerical checks run on CPU at
 small input sizes chosen like timm's ``_get_input_size`` (honouring ``fixed_input_size`` / ``min_input_size``).
 Documented exclusion: a model class with ``supports_torchscript = False`` (its docstring says why) skips the TorchScript
-check.
+check. Beyond timm's checks: hierarchical models switch their head to SimPool and back (``reset_classifier``, on the
+meta device), and plain ViTs take image sides that are not multiples of their patch.
 
 The two most expensive dynamic checks — the prune contract and ``torch.compile`` — run on one representative per
 architecture, the smallest size (``nat_tiny`` shares every code path of ``nat_mini`` but depth and width; models at
