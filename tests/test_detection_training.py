@@ -156,13 +156,14 @@ class CrashAt(Callback):
             raise RuntimeError("simulated crash")
 
 
-def test_crash_and_resume_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 1])  # with workers, Lightning builds the loader iterator before restoring
+def test_crash_and_resume_equals_an_uninterrupted_run(tmp_path, num_workers):
     ann, images = write_shapes_coco(tmp_path, 8)
     kwargs = dict(backbone_kwargs={**NAT, "drop_path_rate": 0.2})  # drop path: per-step randomness is replayed
     # 8 images / 2 = 4 steps per epoch, 2 epochs; the crash comes in the middle of epoch 1
     reference = make_model(**kwargs)
     make_trainer(tmp_path / "a", enable_checkpointing=False, limit_val_batches=0).fit(
-        reference, datamodule=make_data(ann, images)
+        reference, datamodule=make_data(ann, images, num_workers=num_workers)
     )
 
     def checkpoints():
@@ -171,12 +172,13 @@ def test_crash_and_resume_equals_an_uninterrupted_run(tmp_path):
     crashed = make_model(**kwargs)
     with pytest.raises(RuntimeError, match="simulated crash"):
         make_trainer(tmp_path / "b", callbacks=[checkpoints(), CrashAt(6)], limit_val_batches=0).fit(
-            crashed, datamodule=make_data(ann, images)
+            crashed, datamodule=make_data(ann, images, num_workers=num_workers)
         )
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 6
     resumed = make_model(**kwargs)
     trainer = make_trainer(tmp_path / "c", callbacks=[checkpoints()], limit_val_batches=0)
-    trainer.fit(resumed, datamodule=make_data(ann, images), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    data = make_data(ann, images, num_workers=num_workers)
+    trainer.fit(resumed, datamodule=data, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert trainer.global_step == 8
     expected, got = reference.state_dict(), resumed.state_dict()
     changed = [k for k in expected if not torch.equal(expected[k], crashed.state_dict()[k])]
