@@ -198,29 +198,7 @@ class TokenMergingMixin:
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]] | dict[str, Any]:
         """timm's ``forward_intermediates`` with merging; the intermediates are unmerged to the full token map
         (``NCHW`` maps or ``NLC`` patch tokens), so merged ViTs feed dense-prediction heads unchanged."""
-        if self._check_no_mask(attn_mask, is_causal):
-            return super().forward_intermediates(
-                x,
-                indices,
-                return_prefix_tokens=return_prefix_tokens,
-                norm=norm,
-                stop_early=stop_early,
-                output_fmt=output_fmt,
-                intermediates_only=intermediates_only,
-                output_dict=output_dict,
-                attn_mask=attn_mask,
-                is_causal=is_causal,
-            )
-
-        def loop(x, blocks, take_indices, norm, grid):
-            x, _, _, intermediates = self._merge_blocks(x, blocks, take_indices, track=True, norm=norm)
-            return x, intermediates
-
-        return vit_forward_intermediates(
-            self,
-            x,
-            loop,
-            indices,
+        options = dict(
             return_prefix_tokens=return_prefix_tokens,
             norm=norm,
             stop_early=stop_early,
@@ -228,6 +206,14 @@ class TokenMergingMixin:
             intermediates_only=intermediates_only,
             output_dict=output_dict,
         )
+        if self._check_no_mask(attn_mask, is_causal):
+            return super().forward_intermediates(x, indices, attn_mask=attn_mask, is_causal=is_causal, **options)
+
+        def loop(x, blocks, take_indices, norm, grid):
+            x, _, _, intermediates = self._merge_blocks(x, blocks, take_indices, track=True, norm=norm)
+            return x, intermediates
+
+        return vit_forward_intermediates(self, x, loop, indices, **options)
 
 
 class ToMeVisionTransformer(TokenMergingMixin, VisionTransformer):
