@@ -36,8 +36,6 @@ from attnzoo.weights.io import load_state_dict_file
 
 __all__ = ["FeatureBackbone", "SimpleFeaturePyramid", "ViTDetBackbone", "build_backbone", "is_plain_vit"]
 
-_NORMS = (nn.BatchNorm2d, nn.BatchNorm1d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)
-
 
 def is_plain_vit(name: str, **kwargs) -> bool:
     """Whether timm model ``name`` is a plain (single-scale) ViT; built on the meta device, so it costs no memory."""
@@ -123,12 +121,6 @@ class _TimmBody(nn.Module):
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
         return self
-
-    def no_weight_decay(self) -> set[str]:
-        """Names (relative to this module) of the backbone parameters without weight decay (position tables...)."""
-        inner = getattr(self.body.model, "no_weight_decay", None)
-        names = inner() if inner is not None else set()
-        return {f"body.model.{n}" for n in names}
 
 
 class FeatureBackbone(_TimmBody):
