@@ -11,13 +11,15 @@ import torch
 
 
 def may_hold_nonfinite(tensors: list[torch.Tensor]) -> bool:
-    """Whether any of ``tensors`` holds a NaN or an infinity (one host sync). Always ``True`` while ``torch.compile``
-    traces, so the graph has no data-dependent branch (the marking is a no-op on finite inputs). TorchScript-able."""
+    """Whether any of ``tensors`` may hold a NaN or an infinity: a non-finite sum (one reduction per tensor, one host
+    sync; a sum that overflows only sends finite inputs down the exact non-finite path). Always ``True`` while
+    ``torch.compile`` traces, so the graph has no data-dependent branch (the marking is a no-op on finite inputs).
+    TorchScript-able."""
     if not torch.jit.is_scripting() and torch.compiler.is_compiling():
         return True
     if tensors[0].device.type == "meta":  # shapes only
         return False
-    finite = torch.ones((), dtype=torch.bool, device=tensors[0].device)
+    total = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
     for t in tensors:
-        finite = finite & torch.isfinite(t).all()
-    return not bool(finite)
+        total = total + t.sum(dtype=torch.promote_types(t.dtype, torch.float32))
+    return not bool(torch.isfinite(total))
