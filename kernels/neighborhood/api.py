@@ -64,6 +64,10 @@ def na2d(
     out (they take no part in the softmax) and only the real queries are returned. Queries then see fewer than
     ``k0 * k1`` keys; the result does not depend on what the padding holds.
 
+    Non-finite inputs stay local, on both backends: a NaN or infinite entry of a query makes its output row NaN, one of
+    a key the rows of the queries whose neighborhood holds it, and a value entry ``v[j, d]`` the entries ``out[i, d]``
+    of those queries; every other output is what it would be without it.
+
     Args:
         q, k, v: ``(B, H, W, heads, D)`` float tensors of one dtype (any strides), ``heads, D >= 1``; an empty batch
             or map gives an empty output.

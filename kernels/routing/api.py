@@ -7,6 +7,10 @@ regions: ``softmax(q K_g^T * scale) V_g``. :func:`bra2d` does both on a ``(B, H,
 zero-padding it to a multiple of ``n_win`` (``padding="zero"``, official) or excluding the padded tokens
 (``padding="mask"``).
 
+A NaN input gives NaN exactly in the outputs that attend to it, on both backends: a query entry its own row, a key
+entry the rows of every query region routed to its region (through the routing too), a value entry ``v[..., d]``
+channel ``d`` of those rows.
+
 Backends (``backend=``, see :func:`attnzoo.kernels.resolve_backend`): ``"reference"`` gathers the routed regions in
 PyTorch; ``"triton"`` streams them by index from the un-gathered K/V in a fused kernel (deterministic backward,
 float16 / bfloat16 / float32); ``"auto"`` takes Triton on CUDA and the reference elsewhere (and for float64).
