@@ -41,7 +41,7 @@ def invert_routing_index(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 @triton.jit
 def _routed_attention_backward_query_kernel(
-    Q, K, V, Out, DOut, DQ, Lse, Delta, Index,
+    Q, K, V, Out, DO, DQ, LSE, DELTA, INDEX,
     sq_b, sq_ry, sq_rx, sq_ty, sq_tx, sq_h, sq_d,
     sk_b, sk_ry, sk_rx, sk_ty, sk_tx, sk_h, sk_d,
     sv_b, sv_ry, sv_rx, sv_ty, sv_tx, sv_h, sv_d,
@@ -76,15 +76,15 @@ def _routed_attention_backward_query_kernel(
     o_rows = token_offsets(r, offs_m, S, RW, so_ry, so_rx, so_ty, so_tx)
     o = tl.load(Out + b * so_b + h * so_h + o_rows[:, None] + offs_dv[None, :] * so_d, mask=omask, other=0.0)
     do_rows = token_offsets(r, offs_m, S, RW, sdo_ry, sdo_rx, sdo_ty, sdo_tx)
-    do = tl.load(DOut + b * sdo_b + h * sdo_h + do_rows[:, None] + offs_dv[None, :] * sdo_d, mask=omask, other=0.0)
+    do = tl.load(DO + b * sdo_b + h * sdo_h + do_rows[:, None] + offs_dv[None, :] * sdo_d, mask=omask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     stat = ((b * HEADS + h) * R + r) * T + offs_m  # (B, heads, R, T) contiguous
-    tl.store(Delta + stat, delta, mask=m_valid)
-    lse = tl.load(Lse + stat, mask=m_valid, other=0.0)
+    tl.store(DELTA + stat, delta, mask=m_valid)
+    lse = tl.load(LSE + stat, mask=m_valid, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
     n_keys = TOPK * T
-    index_row = Index + b * si_b + r * si_r
+    index_row = INDEX + b * si_b + r * si_r
     for start in range(0, n_keys, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_valid = offs_n < n_keys
@@ -121,7 +121,7 @@ def _routed_attention_backward_query_kernel(
 
 @triton.jit
 def _routed_attention_backward_key_kernel(
-    Q, K, V, DOut, DK, DV, Lse, Delta, Queries, Offsets,
+    Q, K, V, DO, DK, DV, LSE, DELTA, QUERIES, OFFSETS,
     sq_b, sq_ry, sq_rx, sq_ty, sq_tx, sq_h, sq_d,
     sk_b, sk_ry, sk_rx, sk_ty, sk_tx, sk_h, sk_d,
     sv_b, sv_ry, sv_rx, sv_ty, sv_tx, sv_h, sv_d,
@@ -160,9 +160,9 @@ def _routed_attention_backward_key_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    first = tl.load(Offsets + b * (R + 1) + kr)
-    last = tl.load(Offsets + b * (R + 1) + kr + 1)
-    queries_row = Queries + b * (R * TOPK)
+    first = tl.load(OFFSETS + b * (R + 1) + kr)
+    last = tl.load(OFFSETS + b * (R + 1) + kr + 1)
+    queries_row = QUERIES + b * (R * TOPK)
     stats_row = (b * HEADS + h) * R * T
     for start in range(first * T, last * T, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
@@ -177,13 +177,13 @@ def _routed_attention_backward_key_kernel(
         )
         do_rows = token_offsets(qr, t, S, RW, sdo_ry, sdo_rx, sdo_ty, sdo_tx)
         do = tl.load(
-            DOut + b * sdo_b + h * sdo_h + do_rows[:, None] + offs_dv[None, :] * sdo_d,
+            DO + b * sdo_b + h * sdo_h + do_rows[:, None] + offs_dv[None, :] * sdo_d,
             mask=m_valid[:, None] & dv_valid[None, :],
             other=0.0,
         )
         stat = stats_row + qr * T + t
-        lse = tl.load(Lse + stat, mask=m_valid, other=0.0)
-        delta = tl.load(Delta + stat, mask=m_valid, other=0.0)
+        lse = tl.load(LSE + stat, mask=m_valid, other=0.0)
+        delta = tl.load(DELTA + stat, mask=m_valid, other=0.0)
         s_t = dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale_log2  # (BLOCK_N, BLOCK_M)
         p_t = tl.where(m_valid[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
         if MASK_PAD:

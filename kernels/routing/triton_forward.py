@@ -34,7 +34,7 @@ def token_in_map(region, t, S, RW, RH, H_VALID, W_VALID):
 
 @triton.jit
 def _routed_attention_forward_kernel(
-    Q, K, V, Out, Lse, Index,
+    Q, K, V, Out, LSE, INDEX,
     sq_b, sq_ry, sq_rx, sq_ty, sq_tx, sq_h, sq_d,
     sk_b, sk_ry, sk_rx, sk_ty, sk_tx, sk_h, sk_d,
     sv_b, sv_ry, sv_rx, sv_ty, sv_tx, sv_h, sv_d,
@@ -71,7 +71,7 @@ def _routed_attention_forward_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     n_keys = TOPK * T
-    index_row = Index + b * si_b + r * si_r
+    index_row = INDEX + b * si_b + r * si_r
     for start in range(0, n_keys, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_valid = offs_n < n_keys
@@ -111,8 +111,8 @@ def _routed_attention_forward_kernel(
         acc.to(Out.dtype.element_ty),
         mask=m_valid[:, None] & dv_valid[None, :],
     )
-    # Lse: contiguous (B, heads, R, T)
-    tl.store(Lse + ((b * HEADS + h) * R + r) * T + offs_m, m_i + tl.log2(l_i), mask=m_valid)
+    # LSE: contiguous (B, heads, R, T)
+    tl.store(LSE + ((b * HEADS + h) * R + r) * T + offs_m, m_i + tl.log2(l_i), mask=m_valid)
 
 
 def block_sizes(tokens: int, keys: int, d_qk: int, d_v: int) -> tuple[int, int, int, int]:
