@@ -4,13 +4,14 @@ For each backbone and input size (``800x1333``: COCO's test scale, ``1024x1024``
 :func:`attnzoo.recipes.detection.build_detector` (``fpn_channels`` 256, random weights; torchvision's
 ``maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)`` as the reference), sets ``min_size`` / ``max_size`` so
 that the image is processed at exactly that size, and times ``model.eval()([image])`` under ``torch.inference_mode``
-on one image (best of ``--repeats`` after a warm-up). The image is a real photo (scikit-learn's ``china.jpg``,
-resized). The score threshold is 0, so every model returns torchvision's ``box_detections_per_img`` = 100
-detections and the mask head and mask pasting run on the same number of boxes whatever the random weights score.
+on one image (best of ``--repeats`` after a warm-up; wall clock and process CPU seconds). The image is a real photo
+(scikit-learn's ``china.jpg``, resized). The score threshold is 0, so every model returns torchvision's
+``box_detections_per_img`` = 100 detections and the mask head and mask pasting run on the same number of boxes
+whatever the random weights score.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the peak of live tensor storage bytes allocated by
 ATen ops during the forward (weights excluded), tracked at op granularity with a ``TorchDispatchMode`` (op-internal
-scratch is not seen), in a separate, untimed forward.
+scratch is not seen), in the untimed warm-up forward.
 
     python benchmarks/bench_detection.py --threads 2 --repeats 1 --markdown
 """
@@ -94,29 +95,30 @@ def measure(name: str, height: int, width: int, repeats: int, device: torch.devi
     image = photo(height, width).to(device)
     times = []
     with torch.inference_mode():
-        model([image])  # warm-up
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            detections = model([image])
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
         if device.type == "cuda":
+            model([image])  # warm-up
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             model([image])
             peak = torch.cuda.max_memory_allocated() - base
         else:
-            with PeakTensorMemory() as tracker:
+            with PeakTensorMemory() as tracker:  # also the warm-up
                 model([image])
             peak = tracker.peak
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            detections = model([image])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start, time.process_time() - cpu_start))
     result = {
         "model": name,
         "size": f"{height}x{width}",
         "params_m": params,
-        "seconds": min(times),
+        "seconds": min(t[0] for t in times),
+        "cpu_seconds": min(t[1] for t in times),
         "peak_mib": peak / 2**20,
         "detections": len(detections[0]["boxes"]),
     }
@@ -127,7 +129,7 @@ def measure(name: str, height: int, width: int, repeats: int, device: torch.devi
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=[*BACKBONES, REFERENCE], help="zoo backbones or " + REFERENCE)
+    parser.add_argument("--models", nargs="+", default=[REFERENCE, *BACKBONES], help="zoo backbones or " + REFERENCE)
     parser.add_argument("--sizes", nargs="+", default=[f"{h}x{w}" for h, w in SIZES], help="HEIGHTxWIDTH")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -148,15 +150,15 @@ def main() -> None:
         flush=True,
     )
     if args.markdown:
-        print("| backbone | params (M) | size (HxW) | forward s / image | peak MiB | detections |")
-        print("|---|---:|---|---:|---:|---:|", flush=True)
+        print("| backbone | params (M) | size (HxW) | forward s / image | process CPU s | peak MiB | detections |")
+        print("|---|---:|---|---:|---:|---:|---:|", flush=True)
     for name in args.models:
         for height, width in sizes:
             r = measure(name, height, width, args.repeats, device)
             if args.markdown:
                 print(
-                    f"| {r['model']} | {r['params_m']:.1f} | {r['size']} | {r['seconds']:.2f} | {r['peak_mib']:.0f} | "
-                    f"{r['detections']} |",
+                    f"| {r['model']} | {r['params_m']:.1f} | {r['size']} | {r['seconds']:.2f} | "
+                    f"{r['cpu_seconds']:.2f} | {r['peak_mib']:.0f} | {r['detections']} |",
                     flush=True,
                 )
             else:
