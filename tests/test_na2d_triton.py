@@ -106,6 +106,7 @@ def test_triton_rejects_what_it_cannot_run():
         na2d(big, big, big, 3, backend="triton")
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy meets the NaN
 @pytest.mark.parametrize(
     ("name", "entry", "value", "dilation"),
     [
