@@ -34,8 +34,8 @@ def test_demo_detection_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert [c["name"] for c in test["categories"]] == [str(d) for d in range(10)]
     png = tmp_path / "runs" / "demo_detection" / "test_predictions.png"
     assert "predictions drawn in runs/demo_detection/test_predictions.png" in out
-    with Image.open(png) as picture:  # a 3 x 1 grid of 128 px scenes with 4 px padding
-        assert picture.size == (3 * 128 + 4 * 4, 128 + 2 * 4)
+    with Image.open(png) as picture:  # a 3 x 1 grid of 128 px scenes drawn 3x larger, with 4 px padding
+        assert picture.size == (3 * 384 + 4 * 4, 384 + 2 * 4)
     results = json.loads((tmp_path / "runs" / "demo_detection" / "detections" / "test_detections.json").read_text())
     assert {r["image_id"] for r in results} <= {im["id"] for im in test["images"]}
 

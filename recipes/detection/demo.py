@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision.utils import make_grid
 
@@ -50,9 +51,13 @@ def _scene_root(datamodule) -> Path:
 
 
 @torch.inference_mode()
-def render_test_predictions(model, datamodule, out_png: str | Path, num_images: int = 6, score: float = 0.5) -> Path:
+def render_test_predictions(
+    model, datamodule, out_png: str | Path, num_images: int = 6, score: float = 0.5, upscale: int = 3
+) -> Path:
     """Draw the detections of score >= ``score`` (boxes, labels, masks) of ``model`` (an
-    :class:`~.module.ObjectDetector`) on the first ``num_images`` test images into one PNG grid ``out_png``."""
+    :class:`~.module.ObjectDetector`) on the first ``num_images`` test images into one PNG grid ``out_png``. The
+    model sees the images at their size; image, boxes and mask probabilities are enlarged ``upscale`` times for
+    drawing, so that labels stay legible on small scenes."""
     dataset = datamodule.datasets["test"]
     names = {c["id"]: c["name"] for c in model.categories}
     was_training = model.training
@@ -61,8 +66,12 @@ def render_test_predictions(model, datamodule, out_png: str | Path, num_images: 
     for index in range(min(num_images, len(dataset))):
         image, target = dataset[index]
         output = model([image])[0]
+        output = {**output, "boxes": output["boxes"] * upscale}
+        if "masks" in output:
+            output["masks"] = F.interpolate(output["masks"], scale_factor=upscale, mode="bilinear")
         results = detections_to_coco(output, target["image_id"], model.category_ids)
-        pictures.append(render_detections(image, results, names, score))
+        large = F.interpolate(image[None], scale_factor=upscale, mode="nearest")[0]
+        pictures.append(render_detections(large, results, names, score))
     model.train(was_training)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
