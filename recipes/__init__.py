@@ -1,5 +1,6 @@
-"""Lightning training recipes: the image classification module, data module, callbacks, samplers, configs and the
-LightningCLI entry point (``attnzoo fit|validate|test|predict``).
+"""Lightning training recipes: image classification (module, data module, callbacks, samplers, configs, the
+LightningCLI entry point ``attnzoo fit|validate|test|predict``) and COCO detection (:mod:`.detection`:
+``build_detector``, ``ObjectDetector``, ``CocoDataModule``, ``attnzoo detect``).
 
 The public classes are importable from here (``from attnzoo.recipes import ImageClassifier, ImageDataModule``); they
 are loaded on first use, so ``import attnzoo.recipes`` alone does not import Lightning.
@@ -30,6 +31,9 @@ _EXPORTS = {
     "build_dataset": "datasets",
     "export_for_timm": "export",
     "run_cli": "cli",
+    "build_detector": "detection.build",
+    "ObjectDetector": "detection.module",
+    "CocoDataModule": "detection.data",
 }
 
 __all__ = sorted(_EXPORTS)

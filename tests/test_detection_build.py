@@ -168,3 +168,11 @@ def test_bad_arguments_name_the_argument():
         tiny_detector("fcos", not_an_argument=1)
     with pytest.raises(TypeError, match="detector_kwargs"):
         build_detector("fcos", "nat_mini", 3, detector_kwargs=dict(bogus=1), **NAT)
+
+
+def test_detection_entry_points_are_exported_from_recipes():
+    import attnzoo.recipes as recipes
+    from attnzoo.recipes import detection
+
+    for name in ("build_detector", "ObjectDetector", "CocoDataModule"):
+        assert getattr(recipes, name) is getattr(detection, name)
