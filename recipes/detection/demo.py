@@ -1,11 +1,11 @@
 """``attnzoo demo detection``: Mask R-CNN on a small zoo backbone, trained on CPU on scenes of real MNIST digits.
 
 Writes the digit scenes (:mod:`.digit_scenes`: training scenes from the 4,000 training digits, test scenes from the
-1,000 held-out ones), evaluates the untrained detector on the test scenes, trains it
-(``attnzoo detect fit --config recipes/configs/demo/mask_rcnn_digits.yaml``), evaluates it again with pycocotools
-``COCOeval`` (bbox and segm) and draws its predictions on the first test scenes into one PNG. Options of the config
-can be overridden on the command line (``attnzoo demo detection --trainer.max_epochs 2``); ``--train-scenes N`` and
-``--test-scenes N`` set how many scenes are written.
+1,000 held-out ones), evaluates the untrained detector on the test scenes, trains it with the detection recipe
+(``attnzoo detect``'s CLI, config ``recipes/configs/demo/detection/mask_rcnn_digits.yaml``), evaluates it again with
+pycocotools ``COCOeval`` (bbox and segm) and draws its predictions on the first test scenes into one PNG. Options of
+the config can be overridden on the command line (``attnzoo demo detection --trainer.max_epochs 2``);
+``--train-scenes N`` and ``--test-scenes N`` set how many scenes are written.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .writer import render_detections
 
 __all__ = ["DEMO_CONFIG", "render_test_predictions", "run_detection_demo"]
 
-DEMO_CONFIG = CONFIG_DIR / "demo" / "mask_rcnn_digits.yaml"
+DEMO_CONFIG = CONFIG_DIR / "demo" / "detection" / "mask_rcnn_digits.yaml"
 TRAIN_SCENES, TEST_SCENES = 1200, 100
 SCENE_OPTIONS = dict(canvas_size=128, digits_per_scene=(2, 4), digit_size=(24, 56))
 
@@ -94,6 +94,12 @@ def run_detection_demo(args: Sequence[str] = ()) -> dict:
     parser.add_argument("--train-scenes", type=int, default=TRAIN_SCENES)
     parser.add_argument("--test-scenes", type=int, default=TEST_SCENES)
     own, rest = parser.parse_known_args(list(args))
+    if "-h" in rest or "--help" in rest:
+        print(
+            f"attnzoo demo detection: --train-scenes N (default {TRAIN_SCENES}), --test-scenes N (default "
+            f"{TEST_SCENES}) set how many digit scenes are written; the config's options follow.",
+            flush=True,
+        )
     if not any(a == "--config" or a.startswith("--config=") for a in rest):
         rest = ["--config", str(DEMO_CONFIG), *rest]
     cli = run_cli(rest, run=False, prog="attnzoo demo detection")
