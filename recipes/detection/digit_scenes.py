@@ -2,10 +2,10 @@
 
 Every scene is a black ``canvas_size x canvas_size`` RGB canvas with a few digits pasted at random positions and
 sizes, their square footprints never overlapping. A digit's instance mask is its stroke (resized grey level >= 128),
-its box the tight box of the mask, its category the digit class (``"0"`` .. ``"9"``) or, with
-``single_class=True``, one ``"digit"`` category. Training scenes use the 4,000 training digits, test scenes the
-1,000 held-out ones; each digit is used once before any is reused. The output is deterministic given ``seed`` and is
-a COCO-format folder::
+its box the tight box of the mask, its category the digit class (``"0"`` .. ``"9"``; the demo's choice: the
+detector must also recognise the digit) or, with ``single_class=True``, one ``"digit"`` category. Training scenes
+use the 4,000 training digits, test scenes the 1,000 held-out ones; each digit is used once before any is reused.
+The output is deterministic given ``seed`` and is a COCO-format folder::
 
     root/annotations/instances_<split>.json   (segmentation as compressed RLE, area = mask area)
     root/<split>/<split>_00000.png ...
