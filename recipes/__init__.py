@@ -17,6 +17,7 @@ _EXPORTS = {
     "ImageDataModule": "data",
     "AspectBinDataset": "data",
     "ExportWeights": "callbacks",
+    "LoggedLearningRate": "callbacks",
     "PredictionWriter": "callbacks",
     "RemoveStaleTempFiles": "callbacks",
     "ThroughputProgressBar": "callbacks",

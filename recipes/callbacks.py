@@ -9,19 +9,43 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 from .checkpoint_io import remove_stale_temp_files
 from .export import CONFIG_NAME, WEIGHTS_NAME, export_for_timm
 
-__all__ = ["ExportWeights", "PredictionWriter", "RemoveStaleTempFiles", "ThroughputProgressBar", "TrainingSummary"]
+__all__ = [
+    "ExportWeights",
+    "LoggedLearningRate",
+    "PredictionWriter",
+    "RemoveStaleTempFiles",
+    "ThroughputProgressBar",
+    "TrainingSummary",
+]
 
 
 def _format_seconds(seconds: float) -> str:
     seconds = int(max(0, seconds))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
+class LoggedLearningRate(LearningRateMonitor):
+    """Lightning's ``LearningRateMonitor``, idle in a run without a logger (``--trainer.logger false``), where the
+    original stops training with a configuration error."""
+
+    def on_train_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)
 
 
 class ThroughputProgressBar(TQDMProgressBar):

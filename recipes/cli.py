@@ -22,10 +22,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from .callbacks import ExportWeights, PredictionWriter, RemoveStaleTempFiles, ThroughputProgressBar, TrainingSummary
+from .callbacks import (
+    ExportWeights,
+    LoggedLearningRate,
+    PredictionWriter,
+    RemoveStaleTempFiles,
+    ThroughputProgressBar,
+    TrainingSummary,
+)
 from .data import ImageDataModule
 from .module import ImageClassifier
 
@@ -85,7 +92,7 @@ def _trainer_defaults() -> dict:
         "plugins": [{"class_path": "attnzoo.recipes.checkpoint_io.AtomicCheckpointIO"}],
         "callbacks": [
             ThroughputProgressBar(),
-            LearningRateMonitor(logging_interval="step"),
+            LoggedLearningRate(logging_interval="step"),
             TrainingSummary(),
             RemoveStaleTempFiles(),
         ],

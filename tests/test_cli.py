@@ -68,3 +68,12 @@ def test_help_for_every_command(command):
     script = Path(sys.executable).parent / "attnzoo"  # the console script installed beside this interpreter
     out = subprocess.run([str(script), *command, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage: attnzoo" in out.stdout
+
+
+def test_fit_without_a_logger(tmp_path, monkeypatch):
+    """Lightning's LearningRateMonitor stops a logger-less run; the recipe's stays idle instead."""
+    monkeypatch.chdir(tmp_path)
+    small = ["--data.num_train_samples", "32", "--data.num_eval_samples", "16", "--trainer.max_epochs", "1"]
+    args = ["fit", "--config", "demo/gated_vit_mnist.yaml", "--trainer.logger", "false", *small]
+    assert main([*args, "--trainer.enable_progress_bar", "false"]) == 0
+    assert (tmp_path / "runs/demo/checkpoints/last.ckpt").is_file()
