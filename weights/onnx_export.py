@@ -3,9 +3,9 @@
 Exports trace once with ``torch.export`` (non-strict) and convert with torch's dynamo ONNX exporter; the fused
 attention kernels take their PyTorch reference path, so every op is a standard ONNX op. ``dynamic_size=True`` makes
 the image height and width (32 to 4096 px) symbolic where the architecture's shape logic is symbolic too (plain
-ViTs); models whose tiling is computed in Python from the input size (neighborhood, routing and window attention, agent bias tables) are
-exported at one size, and asking for a dynamic size raises ``ValueError``. Requires the ``onnx`` extra
-(``pip install "attnzoo[onnx]"``).
+ViTs); models whose tiling is computed in Python from the input size (neighborhood, routing and window attention,
+agent bias tables) are exported at one size, and asking for a dynamic size raises ``ValueError``. Requires the
+``onnx`` extra (``pip install "attnzoo[onnx]"``).
 """
 
 from __future__ import annotations
