@@ -12,9 +12,10 @@ import torch
 import attnzoo
 from attnzoo.cli import main
 from attnzoo.recipes.export import export_for_timm
-from attnzoo.weights.onnx_export import export_onnx, run_onnx
+from attnzoo.weights.onnx_export import MIN_TORCH, export_onnx, onnx_export_supported, run_onnx
 
 pytest.importorskip("onnxruntime", reason="the 'onnx' extra (onnx, onnxruntime, onnxscript) is not installed")
+pytestmark = pytest.mark.skipif(not onnx_export_supported(), reason=f"ONNX export needs torch >= {MIN_TORCH}")
 
 SMALL = {  # one small variant per export path (plain ViT, neighborhood, routing)
     "gated_vit_tiny_patch16_224": dict(img_size=64, depth=2),

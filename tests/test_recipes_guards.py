@@ -110,6 +110,12 @@ def test_flat_folders_and_splits_missing_a_class_get_the_right_advice(tmp_path):
         _trainer(tmp_path).fit(_model(), datamodule=_data(tmp_path / "two", val_split="test"))
 
 
+@pytest.fixture(autouse=True)
+def _run_in_tmp_path(tmp_path, monkeypatch):
+    """LightningCLI writes ``config.yaml`` into the working folder when a run has no logger: keep it out of the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
 CONFIG = """
 model:
   model_name: gated_vit_tiny_patch16_224

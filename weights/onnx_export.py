@@ -5,7 +5,7 @@ attention kernels take their PyTorch reference path, so every op is a standard O
 the image height and width (32 to 4096 px) symbolic where the architecture's shape logic is symbolic too (plain
 ViTs); models whose tiling is computed in Python from the input size (neighborhood, routing and window attention,
 agent bias tables) are exported at one size, and asking for a dynamic size raises ``ValueError``. Requires the
-``onnx`` extra (``pip install "attnzoo[onnx]"``).
+``onnx`` extra (``pip install "attnzoo[onnx]"``) and torch >= 2.9 (tested with 2.14.1).
 """
 
 from __future__ import annotations
@@ -16,10 +16,17 @@ from pathlib import Path
 
 import timm
 import torch
+from packaging.version import Version
 
-__all__ = ["export_onnx", "run_onnx"]
+__all__ = ["export_onnx", "onnx_export_supported", "run_onnx"]
 
 DEFAULT_OPSET = 18
+MIN_TORCH = "2.9"  # dynamo ONNX export is torch's default from 2.9; torch 2.5's fails on batch norm (measured)
+
+
+def onnx_export_supported() -> bool:
+    """Whether the installed torch is recent enough for :func:`export_onnx`."""
+    return Version(torch.__version__.split("+")[0]) >= Version(MIN_TORCH)
 
 
 def _build(model_name: str, weights: str | os.PathLike | None) -> torch.nn.Module:
@@ -44,6 +51,9 @@ def export_onnx(
     ``out``. Raises ``ValueError`` when ``dynamic_size`` is asked of a model whose shape logic is not symbolic.
     """
     import onnx  # noqa: F401  (fail early with the extra's name)
+
+    if not onnx_export_supported():
+        raise RuntimeError(f"ONNX export needs torch >= {MIN_TORCH}, found {torch.__version__} (pip install -U torch)")
 
     model = _build(model_name, weights).eval()
     size = img_size or model.pretrained_cfg["input_size"][-2:]
