@@ -44,12 +44,20 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 class ZooCLI(LightningCLI):
     """LightningCLI with the recipe's checkpoint and export sections."""
 
+    monitor = "val/top1"  # the metric whose best checkpoint is kept
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        self.add_checkpoint_arguments(parser)
+        parser.add_lightning_class_args(ExportWeights, "export")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+
+    def add_checkpoint_arguments(self, parser: LightningArgumentParser) -> None:
+        """``checkpoint`` (the best ``monitor`` kept) and ``last_checkpoint`` (``last.ckpt``, same folder)."""
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.save_last": False,
-                "checkpoint.monitor": "val/top1",
+                "checkpoint.monitor": self.monitor,
                 "checkpoint.mode": "max",
                 "checkpoint.save_top_k": 1,
                 "checkpoint.filename": "epoch{epoch:03d}-step{step:07d}",
@@ -70,8 +78,6 @@ class ZooCLI(LightningCLI):
         )
         parser.link_arguments("checkpoint.dirpath", "last_checkpoint.dirpath")
         parser.link_arguments("checkpoint.every_n_train_steps", "last_checkpoint.every_n_train_steps")
-        parser.add_lightning_class_args(ExportWeights, "export")
-        parser.add_lightning_class_args(PredictionWriter, "predictions")
 
     def instantiate_trainer(self, **kwargs):
         """Leave the default progress bar out when ``trainer.enable_progress_bar`` is false."""

@@ -15,7 +15,6 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser
 
 from ..callbacks import TrainingSummary
@@ -30,30 +29,10 @@ __all__ = ["DetectionCLI", "main", "run_cli"]
 class DetectionCLI(ZooCLI):
     """The recipe CLI with detection's checkpoint monitor and prediction writer (no timm weight export)."""
 
+    monitor = "val/bbox_AP"
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {
-                "checkpoint.save_last": False,
-                "checkpoint.monitor": "val/bbox_AP",
-                "checkpoint.mode": "max",
-                "checkpoint.save_top_k": 1,
-                "checkpoint.filename": "epoch{epoch:03d}-step{step:07d}",
-                "checkpoint.auto_insert_metric_name": False,
-            }
-        )
-        # Lightning >= 2.6 refreshes ``save_last`` only when a top-k checkpoint was written, so a run whose AP did
-        # not improve would resume from an older epoch: this second callback rewrites ``last.ckpt`` every epoch.
-        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
-        parser.set_defaults(
-            {
-                "last_checkpoint.filename": "last",
-                "last_checkpoint.monitor": None,
-                "last_checkpoint.save_top_k": 1,
-                "last_checkpoint.enable_version_counter": False,
-            }
-        )
-        parser.link_arguments("checkpoint.dirpath", "last_checkpoint.dirpath")
+        self.add_checkpoint_arguments(parser)
         parser.add_lightning_class_args(DetectionWriter, "predictions")
 
 
