@@ -21,7 +21,7 @@ from attnzoo.layers import BiLevelRoutingAttention
 
 requires_triton = pytest.mark.skipif(
     not triton_available() or not (torch.cuda.is_available() or triton_interpreter_enabled()),
-    reason="needs triton and CUDA, or TRITON_INTERPRET=1 for the CPU interpreter",
+    reason="needs triton >= MIN_TRITON (attnzoo.kernels.dispatch) and CUDA, or TRITON_INTERPRET=1 on CPU",
 )
 TRITON = pytest.param("triton", marks=[pytest.mark.triton, requires_triton])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

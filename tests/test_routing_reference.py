@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from attnzoo.kernels.dispatch import triton_available
 from attnzoo.kernels.routing import bra2d, default_scale, route, routed_attention
 from attnzoo.kernels.routing.reference import bra2d_reference, map_to_regions, regions_to_map
 from attnzoo.layers import BiLevelRoutingAttention, GlobalAttentionLePE
@@ -126,8 +127,8 @@ def test_out_of_range_index_is_a_clear_error(backend, bad):
         routed_attention(q, k, v, index, 2, backend=backend)
 
 
+@pytest.mark.skipif(not triton_available(), reason="needs triton >= attnzoo.kernels.dispatch.MIN_TRITON")
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
-    pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v = _qkv((1, 4, 3, 2, 4), dtype=torch.float32)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):

@@ -23,6 +23,8 @@ def pad_map(x: torch.Tensor, n_win: int) -> torch.Tensor:
     pad_h, pad_w = (-x.shape[1]) % n_win, (-x.shape[2]) % n_win
     if pad_h == 0 and pad_w == 0:
         return x
+    if x.numel() == 0:  # F.pad rejects empty inputs on torch < 2.6
+        return x.new_zeros((x.shape[0], x.shape[1] + pad_h, x.shape[2] + pad_w, x.shape[3], x.shape[4]))
     return F.pad(x, [0, 0, 0, 0, 0, pad_w, 0, pad_h])
 
 
