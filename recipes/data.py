@@ -26,16 +26,16 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-import lightning.pytorch as pl
 import timm.data
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from .datasets import build_dataset, dataset_class_names, dataset_num_classes
+from .loaders import LazyIterLoader, RankAwareDataModule
 from .samplers import (
     AspectRatioBatchSampler,
     PaddedEvalDataset,
@@ -114,15 +114,6 @@ def aspect_bin_size(input_size: Sequence[int], ratio: float, multiple: int = 32)
     return rounded(math.sqrt(area / ratio)), rounded(math.sqrt(area * ratio))
 
 
-class _LazyIterLoader(DataLoader):
-    """A ``DataLoader`` whose iterator, and so its workers' index prefetch, starts at the first ``next``: Lightning
-    creates the training iterator before it restores a checkpoint and calls ``set_epoch``, and prefetching workers
-    would then draw the resumed epoch's indices from epoch 0 and batch 0."""
-
-    def __iter__(self) -> Iterator:
-        yield from super().__iter__()
-
-
 class AspectBinDataset(Dataset):
     """An untransformed dataset (items ``(PIL image, target)``) whose item ``i`` gets the transform of its aspect
     bin: ``(transforms[bin_ids[i]](image), target)``; ``aspect_ratios`` ``(N,)`` holds every image's width/height."""
@@ -143,7 +134,7 @@ class AspectBinDataset(Dataset):
         return self.transforms[self.bin_ids[index]](image), target
 
 
-class ImageDataModule(pl.LightningDataModule):
+class ImageDataModule(RankAwareDataModule):
     """Train / val / test / predict loaders for an image classification dataset.
 
     Args:
@@ -374,39 +365,9 @@ class ImageDataModule(pl.LightningDataModule):
         return AspectBinDataset(train, hp.aspect_ratio_bins, transforms, num_threads=hp.num_workers)
 
     # ------------------------------------------------------------------ loaders
-    def _rank_world(self) -> tuple[int, int]:
-        if self.trainer is None:
-            return 0, 1
-        return self.trainer.global_rank, self.trainer.world_size
-
-    def _loader_kwargs(self) -> dict:
-        hp = self.hparams
-        return dict(
-            num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory and torch.cuda.is_available(),
-            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
-        )
-
-    def _batches_done(self, epoch: int) -> int:
-        """Batches of ``epoch`` already trained, from the trainer's (restored) step counter: 0 unless resuming
-        inside that epoch."""
-        trainer = self.trainer
-        if trainer is None or trainer.global_step == 0 or self._train_sampler is None:
-            return 0
-        batches_per_epoch = len(self._train_sampler)
-        if isinstance(self._train_sampler, RepeatedAugSampler):
-            batches_per_epoch //= self.batch_size
-        limit = trainer.limit_train_batches
-        if isinstance(limit, int):
-            batches_per_epoch = min(batches_per_epoch, limit)
-        elif limit is not None:
-            batches_per_epoch = int(batches_per_epoch * limit)
-        accumulate = trainer.accumulate_grad_batches
-        steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
-        steps_done = trainer.global_step - epoch * steps_per_epoch
-        if not 0 < steps_done < steps_per_epoch:
-            return 0
-        return steps_done * accumulate
+    def _train_batches_per_epoch(self) -> int:
+        batches = len(self._train_sampler)
+        return batches // self.batch_size if isinstance(self._train_sampler, RepeatedAugSampler) else batches
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.datasets["train"]
@@ -424,7 +385,7 @@ class ImageDataModule(pl.LightningDataModule):
                 resume_fn=self._batches_done,
                 seeded=True,
             )
-            return _LazyIterLoader(
+            return LazyIterLoader(
                 SeededDataset(dataset), batch_sampler=self._train_sampler, generator=generator, **self._loader_kwargs()
             )
         self._train_sampler = RepeatedAugSampler(
@@ -443,7 +404,7 @@ class ImageDataModule(pl.LightningDataModule):
                 f"the training split has {len(dataset)} images: fewer than one batch of {self.batch_size} per "
                 f"device on {world} device(s)"
             )
-        return _LazyIterLoader(
+        return LazyIterLoader(
             SeededDataset(dataset),
             batch_size=self.batch_size,
             sampler=self._train_sampler,

@@ -17,14 +17,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
@@ -33,6 +31,7 @@ from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.datasets.vision import VisionDataset
 from torchvision.transforms import v2
 
+from ..loaders import LazyIterLoader, RankAwareDataModule
 from ..samplers import AspectRatioBatchSampler, PaddedEvalDataset, ShardedEvalSampler, check_aspect_ratios
 from .coco_json import images_folder_as_coco, load_coco_json
 
@@ -165,15 +164,7 @@ class _EpochTaggedBatches:
             yield [(self.inner.epoch, i) for i in batch]
 
 
-class _LazyIterLoader(DataLoader):
-    """Iterator (and worker prefetch) created at the first ``next``: Lightning builds the training iterator before
-    it restores a checkpoint and calls ``set_epoch``."""
-
-    def __iter__(self) -> Iterator:
-        yield from super().__iter__()
-
-
-class CocoDataModule(pl.LightningDataModule):
+class CocoDataModule(RankAwareDataModule):
     """Train / val / test / predict loaders over COCO-format annotation files.
 
     Args:
@@ -196,6 +187,8 @@ class CocoDataModule(pl.LightningDataModule):
         skip_empty_train: leave training images without (non-crowd) annotations out.
         seed: seed of the batch order and the augmentation (epoch ``e`` uses ``seed + e``).
     """
+
+    collate_fn = staticmethod(collate_detection)
 
     def __init__(
         self,
@@ -327,36 +320,6 @@ class CocoDataModule(pl.LightningDataModule):
         return len(self.category_ids) if self.category_ids else None
 
     # ------------------------------------------------------------------ loaders
-    def _rank_world(self) -> tuple[int, int]:
-        if self.trainer is None:
-            return 0, 1
-        return self.trainer.global_rank, self.trainer.world_size
-
-    def _loader_kwargs(self) -> dict:
-        hp = self.hparams
-        return dict(
-            num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory and torch.cuda.is_available(),
-            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
-            collate_fn=collate_detection,
-        )
-
-    def _batches_done(self, epoch: int) -> int:
-        """Batches of ``epoch`` already trained (from the restored step counter): 0 unless resuming in it."""
-        trainer = self.trainer
-        if trainer is None or trainer.global_step == 0 or self._train_sampler is None:
-            return 0
-        batches = len(self._train_sampler)
-        limit = trainer.limit_train_batches
-        if isinstance(limit, int):
-            batches = min(batches, limit)
-        elif limit is not None:
-            batches = int(batches * limit)
-        accumulate = trainer.accumulate_grad_batches
-        steps_per_epoch = math.ceil(batches / accumulate)
-        steps_done = trainer.global_step - epoch * steps_per_epoch
-        return steps_done * accumulate if 0 < steps_done < steps_per_epoch else 0
-
     def train_dataloader(self) -> DataLoader:
         dataset = self.datasets["train"]
         rank, world = self._rank_world()
@@ -369,7 +332,7 @@ class CocoDataModule(pl.LightningDataModule):
         )
         generator = torch.Generator().manual_seed(self.hparams.seed + 1000 * rank)
         batches = _EpochTaggedBatches(self._train_sampler)
-        return _LazyIterLoader(dataset, batch_sampler=batches, generator=generator, **self._loader_kwargs())
+        return LazyIterLoader(dataset, batch_sampler=batches, generator=generator, **self._loader_kwargs())
 
     def _eval_loader(self, split: str) -> DataLoader:
         rank, world = self._rank_world()
