@@ -9,11 +9,29 @@ from .gate import GATE_MODES, OutputGate, create_gate, gate_output
 from .mixer import MapTokenMixer, check_no_attn_mask, create_mixer, get_mixer, list_mixers, register_mixer
 from .neighborhood_attention import NeighborhoodAttention2d
 from .pooling_mixer import PoolingMixer
+from .ppt import PPTReducer, ppt_policy, prune_by_importance
+from .reduction_patch import (
+    REDUCTION_METHODS,
+    MergedTokens,
+    PPTVisionTransformer,
+    ReducedTokens,
+    TokenMergingMixin,
+    TokenPoolingVisionTransformer,
+    TokenReductionMixin,
+    TokenReductionVisionTransformer,
+    ToMeVisionTransformer,
+    apply_token_merging,
+    apply_token_reduction,
+    create_token_reducer,
+    remove_token_merging,
+    remove_token_reduction,
+)
 from .routing_attention import BiLevelRoutingAttention, GlobalAttentionLePE
 from .simpool import SimPool, SimPoolClassifierHead
 from .stem import ConvStem, OverlapPatchEmbed
 from .token_merging import (
     MergePlan,
+    ToMeReducer,
     bipartite_soft_matching,
     merge_schedule,
     merge_token_map,
@@ -22,21 +40,18 @@ from .token_merging import (
     token_map_to_source,
     unmerge_tokens,
 )
-from .tome_patch import (
-    MergedTokens,
-    TokenMergingMixin,
-    ToMeVisionTransformer,
-    apply_token_merging,
-    remove_token_merging,
-)
+from .token_pooling import TokenPoolingReducer, pool_tokens, weighted_kmedoids
+from .token_reduction import BlockAttention, Reduction, TokenReducer, restore_tokens
 from .vit_intermediates import BlockLoop, vit_forward_intermediates
 from .window_attention import WindowAttention2d
 
 __all__ = [
     "GATE_MODES",
+    "REDUCTION_METHODS",
     "AgentAttention",
     "Attention",
     "BiLevelRoutingAttention",
+    "BlockAttention",
     "BlockLoop",
     "ConvDownsample",
     "ConvPosEnc",
@@ -49,33 +64,51 @@ __all__ = [
     "NeighborhoodAttention2d",
     "OutputGate",
     "OverlapPatchEmbed",
+    "PPTReducer",
+    "PPTVisionTransformer",
     "PatchMerging",
     "PoolingMixer",
+    "ReducedTokens",
+    "Reduction",
     "SimPool",
     "SimPoolClassifierHead",
     "Stage",
+    "ToMeReducer",
     "ToMeVisionTransformer",
     "TokenMergingMixin",
+    "TokenPoolingReducer",
+    "TokenPoolingVisionTransformer",
+    "TokenReducer",
+    "TokenReductionMixin",
+    "TokenReductionVisionTransformer",
     "TransformerBlock",
     "WindowAttention2d",
     "apply_token_merging",
+    "apply_token_reduction",
     "bipartite_soft_matching",
     "build_stages",
     "check_no_attn_mask",
     "convert_agent_biases",
     "create_gate",
     "create_mixer",
+    "create_token_reducer",
     "gate_output",
     "get_mixer",
     "list_mixers",
     "merge_schedule",
     "merge_token_map",
     "merge_tokens",
+    "pool_tokens",
+    "ppt_policy",
     "proportional_attention_mask",
+    "prune_by_importance",
     "register_mixer",
     "remove_token_merging",
+    "remove_token_reduction",
     "resize_agent_bias",
+    "restore_tokens",
     "token_map_to_source",
     "unmerge_tokens",
     "vit_forward_intermediates",
+    "weighted_kmedoids",
 ]

@@ -12,7 +12,8 @@ first ``num_prefix`` tokens (class / register / distillation tokens) are never m
 Token counts are static (``r`` is a Python int, clamped to half the patch tokens), so merged models trace with
 ``torch.compile`` without graph breaks. Instead of the dense ``(N_now, N_orig)`` source matrix, merges are tracked as a
 *token map* ``(B, N_orig)``: the index of the current token that holds each original token. It costs ``O(N)`` memory
-per image and unmerges any merged sequence with one gather (:func:`unmerge_tokens`).
+per image and unmerges any merged sequence with one gather (:func:`unmerge_tokens`). :class:`ToMeReducer` plugs the
+method into the block loop shared by all token-reduction methods (:mod:`attnzoo.layers.reduction_patch`).
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .token_reduction import BlockAttention, Reduction, TokenReducer
+
 __all__ = [
     "MergePlan",
+    "ToMeReducer",
     "bipartite_soft_matching",
     "merge_schedule",
+    "merge_by_keys",
     "merge_token_map",
     "merge_tokens",
     "proportional_attention_mask",
@@ -151,3 +156,39 @@ def merge_schedule(r: int | Sequence[int] | tuple[int, float], depth: int) -> li
     if any(v < 0 for v in schedule):
         raise ValueError(f"r must be >= 0 in every block, got {schedule}")
     return schedule
+
+
+def merge_by_keys(attention: BlockAttention, x: torch.Tensor, size: torch.Tensor | None, r: int) -> Reduction:
+    """ToMe's step as a :class:`~attnzoo.layers.Reduction`: merge ``r`` tokens of ``x`` ``(B, N, C)`` by bipartite
+    soft matching on the block's head-averaged keys."""
+    plan = bipartite_soft_matching(attention.metric(), r, attention.num_prefix)
+    identity = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+    assign = merge_token_map(identity, plan, x.shape[1])
+    x, size = merge_tokens(x, plan, size)
+    return Reduction(x, size, assign)
+
+
+class ToMeReducer(TokenReducer):
+    """ToMe as a :class:`~attnzoo.layers.TokenReducer`: merge ``r`` tokens per block between the attention and the
+    MLP by bipartite soft matching on the head-averaged keys. ``r``: see :func:`merge_schedule`; it is clamped to
+    half of the patch tokens in every block."""
+
+    name = "tome"
+
+    def __init__(self, depth: int, r: int | Sequence[int] | tuple[int, float] = 16) -> None:
+        self.r = merge_schedule(r, depth)
+
+    def tokens_removed(self, index: int, num_tokens: int, num_prefix: int) -> int:
+        r = self.r[index] if index < len(self.r) else 0
+        return min(r, (num_tokens - num_prefix) // 2)
+
+    def reduce(
+        self, attention: BlockAttention, x: torch.Tensor, size: torch.Tensor | None, num_remove: int
+    ) -> Reduction:
+        return merge_by_keys(attention, x, size, num_remove)
+
+    def is_identity(self) -> bool:
+        return not any(self.r)
+
+    def __repr__(self) -> str:
+        return f"ToMeReducer(r={self.r})"

@@ -10,6 +10,7 @@ from timm.models.vision_transformer import ResPostBlock
 
 import attnzoo
 from attnzoo.layers import (
+    ToMeReducer,
     bipartite_soft_matching,
     merge_schedule,
     merge_token_map,
@@ -18,7 +19,7 @@ from attnzoo.layers import (
     token_map_to_source,
     unmerge_tokens,
 )
-from attnzoo.layers.tome_patch import _merging_block
+from attnzoo.layers.reduction_patch import _reducing_block
 
 # tiny ViTs: 32x32 input, 8x8 patches -> 16 patch tokens; each entry is (model name, kwargs)
 VARIANTS = {
@@ -149,13 +150,14 @@ def test_r0_is_exact_and_merging_block_honours_every_module(variant):
         merged = attnzoo.apply_token_merging(model, r=4)(x)
         assert merged.shape == expected.shape and not torch.allclose(merged, expected)
         assert torch.equal(attnzoo.remove_token_merging(model)(x), expected)
-        assert not hasattr(model, "tome_r")
+        assert not hasattr(model, "token_reducer")
 
         tokens = model.norm_pre(model._pos_embed(model.patch_embed(x)))
         npt = model.num_prefix_tokens
         token_map = torch.arange(tokens.shape[1]).expand(2, -1)
         for block in model.blocks:
-            out, size, out_map = _merging_block(block, tokens, None, token_map, 0, True, npt)
+            args = (block, ToMeReducer(1, 0), 0, tokens, None, token_map, None, True, npt, model.cls_token is not None)
+            out, size, out_map, _ = _reducing_block(*args)
             assert out.shape == tokens.shape and torch.equal(size, torch.ones_like(size))
             torch.testing.assert_close(unmerge_tokens(out, out_map), block(tokens), rtol=1e-5, atol=1e-5)
             tokens = block(tokens)
@@ -179,7 +181,7 @@ def test_token_count_follows_schedule():
     counts, out = _token_counts(model, x)
     assert counts == [60, 60, 40, 37] and out.shape[1] == 37  # 20 = min(20, 59 // 2)
     attnzoo.apply_token_merging(model, r=(10, -1.0))  # falling schedule 20, 13, 7, 0
-    assert model.tome_r == [20, 13, 7, 0]
+    assert model.token_reducer.r == [20, 13, 7, 0]
     counts, _ = _token_counts(model, x)
     assert counts == [45, 32, 25, 25]
     attnzoo.apply_token_merging(model, r=40)  # clamped to half of the patch tokens in every block
@@ -194,13 +196,13 @@ def test_unmerge_restores_the_map(prop_attn):
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         features = model.forward_features(x)
-        tokens, size, token_map = model.forward_merged(x)
+        tokens, size, token_map, pruned = model.forward_reduced(x)
         final, maps = model.forward_intermediates(x, norm=True)
         nlc = model.forward_intermediates(x, indices=[0], output_fmt="NLC", intermediates_only=True)
     torch.testing.assert_close(tokens, features)
     torch.testing.assert_close(final, features)
-    assert features.shape[1] == 1 + 36 - 18 and torch.equal(model.tome_token_map, token_map)
-    assert torch.equal(size.sum(1), torch.full((2, 1), 37.0)) and torch.equal(model.tome_size, size)
+    assert features.shape[1] == 1 + 36 - 18 and torch.equal(model.reduced_token_map, token_map) and pruned is None
+    assert torch.equal(size.sum(1), torch.full((2, 1), 37.0)) and torch.equal(model.reduced_size, size)
     assert [tuple(m.shape) for m in maps] == [(2, 48, 6, 6)] * 3
     assert nlc[0].shape == (2, 36, 48)
     full = unmerge_tokens(tokens, token_map)[:, 1:]  # (B, 36, C): every patch gets its merged token's value
@@ -261,4 +263,4 @@ def test_registered_variants_reuse_timm_weights():
     with torch.device("meta"):  # the paper's token count: DeiT-S at 224 keeps 197 - 12 * 13 = 41 tokens
         small = timm.create_model("tome_deit_small_patch16_224", device="meta")
         assert small.forward_features(torch.randn(2, 3, 224, 224)).shape == (2, 41, 384)
-    assert small.tome_r == [13] * 12
+    assert small.token_reducer.r == [13] * 12

@@ -16,10 +16,20 @@ from . import (
     layers,  # noqa: F401
     metapool,  # noqa: F401
     nat,  # noqa: F401
+    ppt,  # noqa: F401
+    token_pooling,  # noqa: F401
     tome,  # noqa: F401
 )
 from ._registry import list_models
-from .tome import apply_token_merging, remove_token_merging
+from .layers import apply_token_merging, apply_token_reduction, remove_token_merging, remove_token_reduction
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "apply_token_merging", "layers", "list_models", "remove_token_merging"]
+__all__ = [
+    "__version__",
+    "apply_token_merging",
+    "apply_token_reduction",
+    "layers",
+    "list_models",
+    "remove_token_merging",
+    "remove_token_reduction",
+]

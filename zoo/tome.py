@@ -8,18 +8,17 @@ per-block list or ``(r, inflection)``), ``prop_attn`` and ``trace_source`` are m
 work (``dynamic_img_size=True``; the cfgs say ``fixed_input_size=False``).
 
 For any other timm ``VisionTransformer`` (incl. DeiT-III / LayerScale, qk-norm, register tokens and attnzoo's
-gated ViTs) use :func:`attnzoo.apply_token_merging` on the built model.
+gated ViTs) use :func:`attnzoo.apply_token_merging` (or :func:`attnzoo.apply_token_reduction`) on the built
+model.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
-from timm.models.vision_transformer import checkpoint_filter_fn
+from timm.models import generate_default_cfgs, register_model
 
 from attnzoo.layers import ToMeVisionTransformer, apply_token_merging, remove_token_merging
-from attnzoo.weights import build_model_with_official_weights
+
+from ._reduction_cfg import create_reducing_vit, timm_weights_cfg
 
 __all__ = ["apply_token_merging", "remove_token_merging"]
 
@@ -31,33 +30,12 @@ TOME_PAPER = {
 DEIT, VIT, AUGREG = "arXiv:2012.12877", "arXiv:2010.11929", "arXiv:2106.10270"
 
 
-def _create_tome_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> ToMeVisionTransformer:
-    """timm's ``_create_vision_transformer`` with the merging class."""
-    out_indices = kwargs.pop("out_indices", 3)
-    kwargs.setdefault("dynamic_img_size", True)
-    kwargs.setdefault("dynamic_img_pad", True)
-    return build_model_with_official_weights(
-        ToMeVisionTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+def _create(variant: str, pretrained: bool, **kwargs) -> ToMeVisionTransformer:
+    return create_reducing_vit(ToMeVisionTransformer, variant, pretrained=pretrained, **kwargs)
 
 
-def _timm_cfg(timm_name: str, r: int, source: str, model_paper_ids: list[str]) -> dict[str, Any]:
-    """timm's pretrained cfg of ``timm_name`` (its weights) plus the ToMe paper and the merge rate."""
-    cfg = get_pretrained_cfg(timm_name).to_dict()
-    for key in ("architecture", "tag"):
-        cfg.pop(key, None)
-    return {
-        **cfg,
-        "fixed_input_size": False,
-        **TOME_PAPER,
-        "paper_ids": TOME_PAPER["paper_ids"] + model_paper_ids,
-        "notes": (f"timm weights {timm_name}; ToMe r={r} ({source})",),
-    }
+def _timm_cfg(timm_name: str, r: int, source: str, model_paper_ids: list[str]) -> dict:
+    return timm_weights_cfg(timm_name, TOME_PAPER, f"ToMe r={r} ({source})", model_paper_ids)
 
 
 default_cfgs = generate_default_cfgs(
@@ -79,18 +57,18 @@ default_cfgs = generate_default_cfgs(
 def tome_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> ToMeVisionTransformer:
     """DeiT-Ti/16 merging r=12 tokens per block (paper: 71.4 top-1, 0.8 GFLOPs; DeiT-Ti 72.2)."""
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, r=12)
-    return _create_tome_vit("tome_deit_tiny_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create("tome_deit_tiny_patch16_224", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def tome_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> ToMeVisionTransformer:
     """DeiT-S/16 merging r=13 tokens per block (paper: 79.8 -> 79.4 top-1, 2.7 GFLOPs)."""
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, r=13)
-    return _create_tome_vit("tome_deit_small_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create("tome_deit_small_patch16_224", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def tome_vit_base_patch16_224(pretrained: bool = False, **kwargs) -> ToMeVisionTransformer:
     """ViT-B/16 (timm AugReg2 weights) merging r=16 tokens per block (196 -> 10 patch tokens over 12 blocks)."""
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, r=16)
-    return _create_tome_vit("tome_vit_base_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create("tome_vit_base_patch16_224", pretrained, **dict(model_args, **kwargs))
