@@ -102,8 +102,11 @@ class BiLevelRoutingAttention(MapTokenMixer):
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(B, H, W, dim)`` for any ``H, W``. Returns ``(B, H, W, dim)``."""
         B, H, W, C = x.shape
-        pad_h, pad_w = (0, 0) if self.padding == "mask" else ((-H) % self.n_win, (-W) % self.n_win)
-        if pad_h or pad_w:
+        n = self.n_win
+        pad_h, pad_w = (0, 0) if self.padding == "mask" else (-(-H // n) * n - H, -(-W // n) * n - W)
+        # while torch.compile traces, pad (maybe by zero) without branching on the size: one graph for every size
+        padded = self.padding == "zero" and (torch.compiler.is_compiling() or pad_h > 0 or pad_w > 0)
+        if padded:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         Hp, Wp = H + pad_h, W + pad_w
         q, k, v = self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
@@ -121,8 +124,8 @@ class BiLevelRoutingAttention(MapTokenMixer):
         if self.gate is not None:
             out = self.gate(x, out)
         out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        if pad_h or pad_w:
-            out = out[:, :H, :W]
+        if padded:  # a contiguous crop: whether a view of it could be flattened would depend on the size
+            out = out[:, :H, :W].clone(memory_format=torch.contiguous_format)
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:

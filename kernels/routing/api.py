@@ -244,7 +244,7 @@ def _bra2d_dispatch(q, k, v, n_win: int, topk: int, scale: float, backend: str, 
         return bra2d_reference(q, k, v, n_win, topk, scale, padding == "mask")[0]
     H, W = q.shape[1], q.shape[2]
     q, k, v = pad_map(q, n_win), pad_map(k, n_win), pad_map(v, n_win)
-    padded = q.shape[1] != H or q.shape[2] != W
+    padded = torch.compiler.is_compiling() or q.shape[1] != H or q.shape[2] != W  # traced: no branch on the size
     masked = padding == "mask" and padded
     index = route_map(q, k, n_win, topk, valid_tokens(H, W, n_win, q.device) if masked else None)
     valid_hw = (H, W) if masked else (0, 0)

@@ -20,8 +20,9 @@ from ..nonfinite import may_hold_nonfinite
 
 def pad_map(x: torch.Tensor, n_win: int) -> torch.Tensor:
     """Zero-pad a ``(B, H, W, heads, D)`` map at the bottom/right to sides that are multiples of ``n_win``."""
-    pad_h, pad_w = (-x.shape[1]) % n_win, (-x.shape[2]) % n_win
-    if pad_h == 0 and pad_w == 0:
+    # ceil(side / n_win) * n_win - side: symbolically exact, so a map padded once is seen unpadded when traced
+    pad_h, pad_w = (-(-x.shape[1] // n_win) * n_win - x.shape[1], -(-x.shape[2] // n_win) * n_win - x.shape[2])
+    if not torch.compiler.is_compiling() and pad_h == 0 and pad_w == 0:  # traced: no branch on the (dynamic) size
         return x
     if x.numel() == 0:  # F.pad rejects empty inputs on torch < 2.6
         return x.new_zeros((x.shape[0], x.shape[1] + pad_h, x.shape[2] + pad_w, x.shape[3], x.shape[4]))
@@ -155,7 +156,9 @@ def bra2d_reference(
     Hp, Wp = q.shape[1], q.shape[2]
     valid: torch.Tensor | None = None
     key_valid: torch.Tensor | None = None
-    if mask_padding and (Hp != H or Wp != W):
+    # while torch.compile traces, padding (maybe by zero) is assumed, so one graph serves every map size
+    padded = torch.compiler.is_compiling() or Hp != H or Wp != W
+    if mask_padding and padded:
         valid = valid_tokens(H, W, n_win, q.device)
         key_valid = map_to_regions(valid[None, :, :, None, None], n_win).reshape(n_win * n_win, -1)
     index = route_map(q, k, n_win, topk, valid)
@@ -163,6 +166,6 @@ def bra2d_reference(
         map_to_regions(q, n_win), map_to_regions(k, n_win), map_to_regions(v, n_win), index, scale, key_valid
     )
     out = regions_to_map(out, n_win, Hp, Wp)
-    if Hp != H or Wp != W:
+    if padded:
         out = out[:, :H, :W]
     return out, index
