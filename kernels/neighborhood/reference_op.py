@@ -4,7 +4,7 @@ The reference's tiling indices are computed from the concrete map size. Traced w
 every size becomes a guard (one recompilation per resolution) and tracing the index arithmetic takes minutes. While
 ``torch.compile`` traces, :func:`na2d_reference_compiled` therefore calls the reference through
 ``torch.ops.attnzoo.na2d_reference`` (output shape = query shape, from the fake implementation), so one graph serves
-every size and tracing stays fast. Its backward (``torch.ops.attnzoo.na2d_reference_backward``) recomputes the forward under
+every size and tracing stays fast. ``torch.export`` / ONNX export still trace the reference (at a fixed size). Its backward (``torch.ops.attnzoo.na2d_reference_backward``) recomputes the forward under
 autograd and differentiates it: the same gradients as eager, for one extra forward.
 """
 
@@ -83,6 +83,11 @@ def _backward(ctx, grad_out):
 na2d_reference_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _is_exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.7
+    return bool(is_exporting and is_exporting())
+
+
 def na2d_reference_compiled(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -92,7 +97,8 @@ def na2d_reference_compiled(
     rpb: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """:func:`na2d_reference`, behind the custom op while ``torch.compile`` traces."""
-    if torch.compiler.is_compiling():
+    """:func:`na2d_reference`, behind the custom op while ``torch.compile`` traces. ``torch.export`` (and the ONNX
+    exporter built on it) traces the reference itself: an exported program must not need attnzoo's op to run."""
+    if torch.compiler.is_compiling() and not _is_exporting():
         return na2d_reference_op(q, k, v, rpb, *kernel_size, *dilation, scale)
     return na2d_reference(q, k, v, kernel_size, dilation, rpb, scale)
