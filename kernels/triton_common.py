@@ -1,5 +1,6 @@
 """Triton helpers shared by the kernel packages (:mod:`.neighborhood`, :mod:`.routing`): the matmul and its precision
-policy, the base-2 constants of the online softmax, block sizes.
+policy, the base-2 constants of the online softmax, block sizes, and :func:`launch`, through which every kernel is
+started (:func:`record_launches` collects the launches instead, for ahead-of-time compilation without a GPU).
 
 Precision policy (every kernel): ``tl.dot`` accumulates in fp32. float32 inputs multiply in exact fp32 (``"ieee"``)
 unless torch allows TF32 matmuls (``torch.backends.cuda.matmul.allow_tf32 = True`` or
@@ -9,6 +10,12 @@ and bfloat16 multiply on their tensor cores. Under Triton's CPU interpreter, who
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -38,6 +45,42 @@ def dot_options(dtype: torch.dtype) -> dict[str, object]:
 def block_size(n: int, low: int = 16) -> int:
     """``n`` rounded up to a power of two, at least ``low`` (``tl.dot`` needs dims >= 16)."""
     return max(low, triton.next_power_of_2(n))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch ``kernel[grid](*args, **kwargs)``; ``kwargs`` holds the constexprs and the launch options
+    (``num_warps``, ``num_stages``)."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple
+    kwargs: dict[str, Any]
+
+
+_RECORDER: contextvars.ContextVar[list[Launch] | None] = contextvars.ContextVar("attnzoo_launch_recorder", default=None)
+
+
+@contextlib.contextmanager
+def record_launches() -> Iterator[list[Launch]]:
+    """Inside the block :func:`launch` appends to the yielded list instead of running the kernel, so the host code of
+    the ops can run on ``meta`` tensors and hand its exact launches to an ahead-of-time compiler
+    (``benchmarks/triton_aot.py``). Output buffers stay uninitialised."""
+    launches: list[Launch] = []
+    token = _RECORDER.set(launches)
+    try:
+        yield launches
+    finally:
+        _RECORDER.reset(token)
+
+
+def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+    """Run ``kernel[grid](*args, **kwargs)``, or record it inside :func:`record_launches`."""
+    recorder = _RECORDER.get()
+    if recorder is not None:
+        recorder.append(Launch(kernel, tuple(grid), args, kwargs))
+        return
+    kernel[grid](*args, **kwargs)
 
 
 @triton.jit

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import LOG2E, block_size, dot, dot_options
+from ..triton_common import LOG2E, block_size, dot, dot_options, launch
 from .triton_forward import launch_config
 from .triton_windows import (
     key_span,
@@ -203,6 +203,32 @@ def _na2d_backward_key_kernel(
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
+def backward_config(dtype: torch.dtype, precision: str, head_dim: int) -> dict[str, dict[str, int]]:
+    """Tiling constexprs and launch options of the two backward kernels, ``{"query": ..., "key": ...}`` (the query
+    kernel tiles queries, the key kernel keys, in ``TILE_H x TILE_W`` tiles of one dilation group), for inputs of
+    ``dtype`` multiplied in ``precision``. A pure function: the launcher and the ahead-of-time check
+    (``benchmarks/triton_aot.py``) both use it. Exact float32 products (FMA units) get 16-wide inner blocks and
+    smaller tiles, which do not spill registers (see :func:`.triton_forward.forward_config`)."""
+    block_d = block_size(head_dim)
+    if dtype == torch.float32 and precision == "ieee":
+        return {
+            "query": dict(TILE_H=4, TILE_W=8, BLOCK_K=16, BLOCK_D=block_d, num_warps=8, num_stages=3),
+            "key": dict(TILE_H=4, TILE_W=8, BLOCK_Q=16, BLOCK_D=block_d, num_warps=4, num_stages=3),
+        }
+    common = dict(TILE_H=8, TILE_W=8, BLOCK_D=block_d, num_warps=4, num_stages=3)
+    return {"query": dict(common, BLOCK_K=32), "key": dict(common, BLOCK_Q=32)}
+
+
+def _tiling(shape, kernel_size, dilation, config, scale):
+    """``(grid, size arguments)`` of a backward kernel tiling the ``(B, H, W, heads, D)`` map as ``config`` says."""
+    B, H, W, heads, D = shape
+    (padded_h, tpg_h, tiles_h), (padded_w, tpg_w, tiles_w) = launch_config(
+        H, W, kernel_size, dilation, (config["TILE_H"], config["TILE_W"])
+    )
+    sizes = (heads, H, W, padded_h, padded_w, *dilation, tpg_h, tpg_w, tiles_w, scale * LOG2E.value, scale, D)
+    return (tiles_h * tiles_w, B * heads), sizes
+
+
 def na2d_backward(
     grad_out: torch.Tensor,
     q: torch.Tensor,
@@ -215,8 +241,6 @@ def na2d_backward(
     dilation: tuple[int, int],
     scale: float,
     rpb_grad: bool = True,
-    tile: tuple[int, int] = (8, 8),
-    block: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients ``(dq, dk, dv, drpb)`` of :func:`.triton_forward.na2d_forward` (``drpb`` is None without an RPB
     table or when ``rpb_grad`` is False); ``dq, dk, dv`` are contiguous ``(B, H, W, heads, D)``."""
@@ -225,49 +249,30 @@ def na2d_backward(
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    (padded_h, tpg_h, tiles_h), (padded_w, tpg_w, tiles_w) = launch_config(H, W, kernel_size, dilation, tile)
-    grid = (tiles_h * tiles_w, B * heads)
+    options = dot_options(q.dtype)
+    config = backward_config(q.dtype, options["PRECISION"], D)
     has_rpb = rpb is not None
     rpb_grad = has_rpb and rpb_grad
-    table = (2 * kernel_size[0] - 1) * (2 * kernel_size[1] - 1)
-    partial = torch.zeros((grid[1], grid[0], table) if rpb_grad else (1,), dtype=torch.float32, device=q.device)
     rpb_arg = rpb if has_rpb else q
     rpb_strides = rpb.stride() if has_rpb else (0, 0, 0)
-    common = dict(
-        KERNEL_H=kernel_size[0],
-        KERNEL_W=kernel_size[1],
-        TILE_H=tile[0],
-        TILE_W=tile[1],
-        BLOCK_D=block_size(D),
-        HAS_RPB=has_rpb,
-        **dot_options(q.dtype),
-    )
-    sizes = (
-        heads,
-        H,
-        W,
-        padded_h,
-        padded_w,
-        dilation[0],
-        dilation[1],
-        tpg_h,
-        tpg_w,
-        tiles_w,
-        scale * LOG2E.value,
-        scale,
-        D,
-    )
-    _na2d_backward_query_kernel[grid](
+    common = dict(KERNEL_H=kernel_size[0], KERNEL_W=kernel_size[1], HAS_RPB=has_rpb, **options)
+    table = (2 * kernel_size[0] - 1) * (2 * kernel_size[1] - 1)
+    query_grid, query_sizes = _tiling(q.shape, kernel_size, dilation, config["query"], scale)
+    partial = torch.zeros((*query_grid[::-1], table) if rpb_grad else (1,), dtype=torch.float32, device=q.device)
+    launch(
+        _na2d_backward_query_kernel, query_grid,
         q, k, v, rpb_arg, grad_out, lse, delta, dq, partial,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *rpb_strides,
-        *sizes, BLOCK_K=block, RPB_GRAD=rpb_grad, **common,
+        *query_sizes, RPB_GRAD=rpb_grad, **common, **config["query"],
     )  # fmt: skip
-    _na2d_backward_key_kernel[grid](
+    key_grid, key_sizes = _tiling(q.shape, kernel_size, dilation, config["key"], scale)
+    launch(
+        _na2d_backward_key_kernel, key_grid,
         q, k, v, rpb_arg, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *rpb_strides,
-        *sizes, BLOCK_Q=block, **common,
+        *key_sizes, **common, **config["key"],
     )  # fmt: skip
     drpb = None
     if rpb_grad:
-        drpb = partial.view(B, heads, grid[0], table).sum((0, 2)).view(rpb.shape).to(rpb.dtype)
+        drpb = partial.view(B, heads, query_grid[0], table).sum((0, 2)).view(rpb.shape).to(rpb.dtype)
     return dq, dk, dv, drpb

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import LN2, LOG2E, block_size, dot, dot_options, finite
+from ..triton_common import LN2, LOG2E, block_size, dot, dot_options, finite, launch
 from .triton_windows import key_span, map_tile_offsets, tile_origin, window_contains, window_start
 
 
@@ -109,6 +109,19 @@ def _na2d_forward_kernel(
     tl.store(LSE + pid_bh * H * W + qrow * W + qcol, lse, mask=q_ok)
 
 
+def forward_config(dtype: torch.dtype, precision: str, head_dim: int) -> dict[str, int]:
+    """Tiling constexprs (``TILE_H, TILE_W, BLOCK_K, BLOCK_D``) and launch options (``num_warps, num_stages``) of the
+    forward kernel for inputs of ``dtype`` multiplied in ``precision`` (the ``PRECISION`` of
+    :func:`~attnzoo.kernels.triton_common.dot_options`). A pure function: the launcher and the ahead-of-time check
+    (``benchmarks/triton_aot.py``) both use it.
+
+    Exact float32 products run on FMA units, whose operands take many more registers than tensor-core ones: the
+    8 x 8 tiles with 32-key blocks spill there (sm_80 and sm_90); 4 x 8 tiles, 16-key blocks and 8 warps do not."""
+    if dtype == torch.float32 and precision == "ieee":
+        return dict(TILE_H=4, TILE_W=8, BLOCK_K=16, BLOCK_D=block_size(head_dim), num_warps=8, num_stages=3)
+    return dict(TILE_H=8, TILE_W=8, BLOCK_K=32, BLOCK_D=block_size(head_dim), num_warps=4, num_stages=3)
+
+
 def launch_config(H: int, W: int, kernel_size: tuple[int, int], dilation: tuple[int, int], tile: tuple[int, int]):
     """Per-axis ``(padded length, tiles per group, tiles)`` of the query tiling (see :mod:`.windows`)."""
     config = []
@@ -127,19 +140,21 @@ def na2d_forward(
     kernel_size: tuple[int, int],
     dilation: tuple[int, int],
     scale: float,
-    tile: tuple[int, int] = (8, 8),
-    block_k: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel on ``q, k, v: (B, H, W, heads, D)``; returns ``(out, lse)`` with ``out`` contiguous
     ``(B, H, W, heads, D)`` and ``lse`` fp32 ``(B, heads, H, W)``."""
     B, H, W, heads, D = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, heads, H, W), dtype=torch.float32, device=q.device)
+    options = dot_options(q.dtype)
+    config = forward_config(q.dtype, options["PRECISION"], D)
+    tile = (config["TILE_H"], config["TILE_W"])
     (padded_h, tpg_h, tiles_h), (padded_w, tpg_w, tiles_w) = launch_config(H, W, kernel_size, dilation, tile)
     rpb_arg = rpb if rpb is not None else q
     rpb_strides = rpb.stride() if rpb is not None else (0, 0, 0)
     grid = (tiles_h * tiles_w, B * heads)
-    _na2d_forward_kernel[grid](
+    launch(
+        _na2d_forward_kernel, grid,
         q, k, v, rpb_arg, out, lse,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3), q.stride(4),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3), k.stride(4),
@@ -149,8 +164,6 @@ def na2d_forward(
         heads, H, W, padded_h, padded_w, dilation[0], dilation[1], tpg_h, tpg_w, tiles_w,
         scale * LOG2E.value, D,
         KERNEL_H=kernel_size[0], KERNEL_W=kernel_size[1],
-        TILE_H=tile[0], TILE_W=tile[1],
-        BLOCK_K=block_k, BLOCK_D=block_size(D),
-        HAS_RPB=rpb is not None, **dot_options(q.dtype),
+        HAS_RPB=rpb is not None, **options, **config,
     )  # fmt: skip
     return out, lse

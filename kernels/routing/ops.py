@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .layout import region_shape, token_strides
+from .layout import region_shape
 
 
 @torch.library.custom_op("attnzoo::routed_attention_forward", mutates_args=())
@@ -32,31 +32,9 @@ def routed_attention_forward_op(
     valid_w: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of the Triton forward kernel."""
-    from triton import cdiv
+    from .triton_forward import routed_attention_forward
 
-    from ..triton_common import LOG2E, dot_options
-    from .triton_forward import _routed_attention_forward_kernel, block_sizes, mask_args
-
-    B, heads, d_qk, d_v = q.shape[0], q.shape[3], q.shape[4], v.shape[4]
-    R = n_win * n_win
-    T, region_w = region_shape(q, n_win, layout)
-    topk = index.shape[-1]
-    index = index.to(torch.int32).contiguous()
-    out = q.new_empty((*q.shape[:-1], d_v))
-    lse = torch.empty((B, heads, R, T), device=q.device, dtype=torch.float32)
-    block_m, block_n, block_dqk, block_dv = block_sizes(T, topk * T, d_qk, d_v)
-    grid = (cdiv(T, block_m), R, B * heads)
-    _routed_attention_forward_kernel[grid](
-        q, k, v, out, lse, index,
-        *token_strides(q, n_win, layout), *token_strides(k, n_win, layout),
-        *token_strides(v, n_win, layout), *token_strides(out, n_win, layout),
-        index.stride(0), index.stride(1),
-        scale * LOG2E.value,
-        heads, n_win, R, T, region_w, topk, d_qk, d_v,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, **dot_options(q.dtype),
-        **mask_args(q, layout, valid_h, valid_w),
-    )  # fmt: skip
-    return out, lse
+    return routed_attention_forward(q, k, v, index, n_win, layout, scale, valid_h, valid_w)
 
 
 @routed_attention_forward_op.register_fake
@@ -83,47 +61,9 @@ def routed_attention_backward_op(
     valid_w: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of the Triton backward kernels."""
-    from triton import cdiv
+    from .triton_backward import routed_attention_backward
 
-    from ..triton_common import LOG2E, dot_options
-    from .triton_backward import (
-        _routed_attention_backward_key_kernel,
-        _routed_attention_backward_query_kernel,
-        invert_routing_index,
-    )
-    from .triton_forward import block_sizes, mask_args
-
-    B, heads, d_qk, d_v = q.shape[0], q.shape[3], q.shape[4], v.shape[4]
-    R = n_win * n_win
-    T, region_w = region_shape(q, n_win, layout)
-    topk = index.shape[-1]
-    index = index.to(torch.int32).contiguous()
-    queries, offsets = invert_routing_index(index)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    delta = torch.empty_like(lse)
-    strides = {name: token_strides(t, n_win, layout) for name, t in dict(q=q, k=k, v=v, o=out, do=dout).items()}
-    common = (scale, scale * LOG2E.value, heads, n_win, R, T, region_w, topk, d_qk, d_v)
-    options = {**dot_options(q.dtype), **mask_args(q, layout, valid_h, valid_w)}
-
-    block_m, block_n, block_dqk, block_dv = block_sizes(T, topk * T, d_qk, d_v)
-    _routed_attention_backward_query_kernel[(cdiv(T, block_m), R, B * heads)](
-        q, k, v, out, dout, dq, lse, delta, index,
-        *strides["q"], *strides["k"], *strides["v"], *strides["o"], *strides["do"],
-        *token_strides(dq, n_win, layout),
-        index.stride(0), index.stride(1),
-        *common,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, **options,
-    )  # fmt: skip
-    # key side: blocks over one region's tokens; query side: over the (mean topk) routed query tokens
-    block_n, block_m, _, _ = block_sizes(T, topk * T, d_qk, d_v)
-    _routed_attention_backward_key_kernel[(cdiv(T, block_n), R, B * heads)](
-        q, k, v, dout, dk, dv, lse, delta, queries, offsets,
-        *strides["q"], *strides["k"], *strides["v"], *strides["do"],
-        *token_strides(dk, n_win, layout), *token_strides(dv, n_win, layout),
-        *common,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, **options,
-    )  # fmt: skip
-    return dq, dk, dv
+    return routed_attention_backward(dout, q, k, v, index, out, lse, n_win, layout, scale, valid_h, valid_w)
 
 
 @routed_attention_backward_op.register_fake

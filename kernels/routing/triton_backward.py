@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import dot
-from .triton_forward import token_in_map, token_offsets
+from ..triton_common import LOG2E, dot, dot_options, launch
+from .layout import region_shape, token_strides
+from .triton_forward import forward_config, mask_args, token_in_map, token_offsets
 
 
 def invert_routing_index(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,3 +206,61 @@ def _routed_attention_backward_key_kernel(
         dv.to(DV.dtype.element_ty),
         mask=vmask,
     )
+
+
+def backward_config(
+    dtype: torch.dtype, precision: str, tokens: int, keys: int, d_qk: int, d_v: int
+) -> dict[str, dict[str, int]]:
+    """Block constexprs and launch options of the two backward kernels, ``{"query": ..., "key": ...}``: the query
+    kernel blocks like the forward; the key kernel takes ``BLOCK_N`` keys of one region and walks the routed queries
+    in ``BLOCK_M`` blocks (the forward's key block, the ``K`` of its ``dV`` and ``dK`` products). A pure function:
+    the launcher and the ahead-of-time check (``benchmarks/triton_aot.py``) both use it."""
+    query = forward_config(dtype, precision, tokens, keys, d_qk, d_v)
+    key = dict(query, BLOCK_M=query["BLOCK_N"], BLOCK_N=query["BLOCK_M"])
+    return {"query": query, "key": key}
+
+
+def routed_attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    n_win: int,
+    layout: str,
+    scale: float,
+    valid_h: int = 0,
+    valid_w: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` (arguments of :func:`attnzoo.kernels.routing.ops.routed_attention_backward_op`)."""
+    B, heads, d_qk, d_v = q.shape[0], q.shape[3], q.shape[4], v.shape[4]
+    R = n_win * n_win
+    T, region_w = region_shape(q, n_win, layout)
+    topk = index.shape[-1]
+    index = index.to(torch.int32).contiguous()
+    queries, offsets = invert_routing_index(index)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    strides = {name: token_strides(t, n_win, layout) for name, t in dict(q=q, k=k, v=v, o=out, do=dout).items()}
+    common = (scale, scale * LOG2E.value, heads, n_win, R, T, region_w, topk, d_qk, d_v)
+    dots = dot_options(q.dtype)
+    options = {**dots, **mask_args(q, layout, valid_h, valid_w)}
+    config = backward_config(q.dtype, dots["PRECISION"], T, topk * T, d_qk, d_v)
+    launch(
+        _routed_attention_backward_query_kernel, (triton.cdiv(T, config["query"]["BLOCK_M"]), R, B * heads),
+        q, k, v, out, dout, dq, lse, delta, index,
+        *strides["q"], *strides["k"], *strides["v"], *strides["o"], *strides["do"],
+        *token_strides(dq, n_win, layout),
+        index.stride(0), index.stride(1),
+        *common, **options, **config["query"],
+    )  # fmt: skip
+    launch(
+        _routed_attention_backward_key_kernel, (triton.cdiv(T, config["key"]["BLOCK_N"]), R, B * heads),
+        q, k, v, dout, dk, dv, lse, delta, queries, offsets,
+        *strides["q"], *strides["k"], *strides["v"], *strides["do"],
+        *token_strides(dk, n_win, layout), *token_strides(dv, n_win, layout),
+        *common, **options, **config["key"],
+    )  # fmt: skip
+    return dq, dk, dv

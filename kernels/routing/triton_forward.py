@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import block_size, dot
+from ..triton_common import LOG2E, block_size, dot, dot_options, launch
+from .layout import region_shape, token_strides
 
 
 @triton.jit
@@ -115,14 +116,64 @@ def _routed_attention_forward_kernel(
     tl.store(LSE + ((b * HEADS + h) * R + r) * T + offs_m, m_i + tl.log2(l_i), mask=m_valid)
 
 
-def block_sizes(tokens: int, keys: int, d_qk: int, d_v: int) -> tuple[int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)``: >= 16 (``tl.dot``), smaller blocks for wide heads."""
+def forward_config(dtype: torch.dtype, precision: str, tokens: int, keys: int, d_qk: int, d_v: int) -> dict[str, int]:
+    """Block constexprs (``BLOCK_M`` queries, ``BLOCK_N`` keys, ``BLOCK_DQK``, ``BLOCK_DV``) and launch options
+    (``num_warps, num_stages``) of the forward kernel for regions of ``tokens`` tokens, ``keys`` routed keys and inputs
+    of ``dtype`` multiplied in ``precision`` (the ``PRECISION`` of :func:`~attnzoo.kernels.triton_common.dot_options`).
+    A pure function: the launcher and the ahead-of-time check (``benchmarks/triton_aot.py``) both use it.
+
+    Blocks are >= 16 (``tl.dot``) and smaller for wide heads. Exact float32 products run on FMA units, which hold
+    whole ``K``-columns of both operands in registers: there the key block (the ``K`` of ``P V``) is 16, as wider
+    ones spill (sm_80 and sm_90)."""
     block_dqk, block_dv = block_size(d_qk), block_size(d_v)
     cap = 64 if max(block_dqk, block_dv) <= 64 else 32
-    return min(cap, block_size(tokens)), min(cap, block_size(keys)), block_dqk, block_dv
+    key_cap = 16 if dtype == torch.float32 and precision == "ieee" else cap
+    return dict(
+        BLOCK_M=min(cap, block_size(tokens)),
+        BLOCK_N=min(key_cap, block_size(keys)),
+        BLOCK_DQK=block_dqk,
+        BLOCK_DV=block_dv,
+        num_warps=4,
+        num_stages=3,
+    )
 
 
 def mask_args(q: torch.Tensor, layout: str, valid_h: int, valid_w: int) -> dict[str, object]:
     """Kernel arguments of the padded-key mask: on only for a ``"map"`` actually padded beyond ``valid_h x valid_w``."""
     on = layout == "map" and valid_h > 0 and (valid_h < q.shape[1] or valid_w < q.shape[2])
     return {"H_VALID": valid_h, "W_VALID": valid_w, "MASK_PAD": on}
+
+
+def routed_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: torch.Tensor,
+    n_win: int,
+    layout: str,
+    scale: float,
+    valid_h: int = 0,
+    valid_w: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel (arguments of :func:`attnzoo.kernels.routing.ops.routed_attention_forward_op`);
+    returns ``(out, lse)``: ``out`` like ``q`` with ``v``'s last dim, ``lse`` float32 ``(B, heads, S*S, T)``."""
+    B, heads, d_qk, d_v = q.shape[0], q.shape[3], q.shape[4], v.shape[4]
+    R = n_win * n_win
+    T, region_w = region_shape(q, n_win, layout)
+    topk = index.shape[-1]
+    index = index.to(torch.int32).contiguous()
+    out = q.new_empty((*q.shape[:-1], d_v))
+    lse = torch.empty((B, heads, R, T), device=q.device, dtype=torch.float32)
+    options = dot_options(q.dtype)
+    config = forward_config(q.dtype, options["PRECISION"], T, topk * T, d_qk, d_v)
+    launch(
+        _routed_attention_forward_kernel, (triton.cdiv(T, config["BLOCK_M"]), R, B * heads),
+        q, k, v, out, lse, index,
+        *token_strides(q, n_win, layout), *token_strides(k, n_win, layout),
+        *token_strides(v, n_win, layout), *token_strides(out, n_win, layout),
+        index.stride(0), index.stride(1),
+        scale * LOG2E.value,
+        heads, n_win, R, T, region_w, topk, d_qk, d_v,
+        **options, **mask_args(q, layout, valid_h, valid_w), **config,
+    )  # fmt: skip
+    return out, lse
