@@ -7,14 +7,16 @@ information from all tokens and then broadcasts it back::
     O   = softmax(Q A^T * scale + B2) V_A + DWC(V)   (agent broadcast,  (heads, N, n) logits)
 
 followed by the output projection. ``DWC`` is a depthwise 3x3 convolution of ``V`` laid out on the ``H x W`` grid.
-Both softmaxes run through ``F.scaled_dot_product_attention`` with the position bias as an additive float mask, which
-is exact, so fused kernels are used where the backend has them. Cost is linear in the number of tokens ``N``.
+Cost is linear in the number of tokens ``N``. Both softmaxes are written out (matmul + bias + softmax): the logits
+are only ``(heads, n, N)``, and on CPU this is faster than ``F.scaled_dot_product_attention`` with a float mask, whose
+math fallback adds scaling and mask checks (see ``benchmarks/bench_agent.py``).
 
 Position biases (trunc-normal init, std 0.02), all kept as ``(heads, agent_num, ...)`` tables:
 ``B1 = interp(an_bias (heads, n, 7, 7) -> H x W) + ah_bias (heads, n, Gh, 1) + aw_bias (heads, n, 1, Gw)``, and ``B2``
 likewise from ``na_bias``, ``ha_bias``, ``wa_bias`` (transposed to ``(heads, N, n)``). The row / column tables are laid
 out for a reference grid ``Gh x Gw`` (``grid_size``, the training resolution) and linearly interpolated to the actual
-``H x W`` at run time, so the mixer runs at any resolution. Prefix (class) tokens of a plain ViT are excluded from the
+``H x W`` at run time, so the mixer runs at any resolution; without autograd the resulting biases are cached per map
+size (see :meth:`AgentAttention.clear_bias_cache`). Prefix (class) tokens of a plain ViT are excluded from the
 pooling and the DWC and get their own terms ``ac_bias`` / ``ca_bias`` of shape ``(heads, n, num_prefix_tokens)``.
 
 :func:`convert_agent_biases` maps the official checkpoint layout (leading singleton axes; ``ha``/``wa``/``ca`` stored
@@ -47,6 +49,22 @@ def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int
     if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
         raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
     return pair
+
+
+_CACHE_ENTRIES = 4
+"""Map sizes whose inference-time biases one module keeps (the cache is emptied when a fifth size comes)."""
+
+
+def _cache_allowed(table: torch.Tensor) -> bool:
+    """Whether biases built from ``table`` may be cached: not while compiling / exporting / tracing, and not for
+    inference-mode parameters (they carry no version counter)."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch.jit.is_tracing()
+        or table.is_inference()
+        or table.device.type == "meta"
+    )
 
 
 def _resize(table: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -127,6 +145,7 @@ class AgentAttention(nn.Module):
         self.gate = create_gate(gate, dim, num_heads, self.head_dim, bias=qkv_bias, **dd)
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
+        self._bias_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -152,33 +171,88 @@ class AgentAttention(nn.Module):
             spatial = torch.cat([prefix, spatial], dim=-1)
         return spatial
 
+    def _biases(self, height: int, width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``B1`` ``(heads, n, P + H*W)`` and ``B2`` ``(heads, P + H*W, n)`` for an ``H x W`` map, in ``dtype``.
+
+        Without autograd (``no_grad`` / ``inference_mode``) they are cached per map size, dtype and device. An
+        entry is keyed on the storage and version counter of every table (in-place updates such as optimizer steps
+        and ``load_state_dict`` bump it), and the cache is emptied by every forward with autograd, by
+        ``train()`` / ``eval()`` and by ``.to()``, which also covers updates that bypass the counter (fused
+        optimizers). Only writes through ``.data`` with none of these in between need :meth:`clear_bias_cache`.
+        """
+        if not torch.jit.is_scripting():
+            if torch.is_grad_enabled():
+                if self._bias_cache:
+                    self._bias_cache.clear()
+            elif _cache_allowed(self.an_bias):
+                return self._cached_biases(height, width, dtype)
+        return self._build_biases(height, width, dtype)
+
+    def _build_biases(self, height: int, width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        agent = self._position_bias(self.an_bias, self.ah_bias, self.aw_bias, self.ac_bias, height, width)
+        token = self._position_bias(self.na_bias, self.ha_bias, self.wa_bias, self.ca_bias, height, width)
+        return agent.to(dtype), token.transpose(-1, -2).to(dtype)
+
+    @torch.jit.unused
+    def _cached_biases(self, height: int, width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        tables = [t for t in (getattr(self, name) for name in AGENT_BIAS_NAMES) if t is not None]
+        key = (height, width, dtype, tables[0].device, tuple((t.data_ptr(), t._version) for t in tables))
+        biases = self._bias_cache.get(key)
+        if biases is None:
+            agent, token = self._build_biases(height, width, dtype)
+            biases = agent, token.contiguous()
+            if len(self._bias_cache) >= _CACHE_ENTRIES:
+                self._bias_cache.clear()
+            self._bias_cache[key] = biases
+        return biases
+
+    def clear_bias_cache(self) -> None:
+        """Drop the cached inference-time position biases (see :meth:`_biases` for when this is needed)."""
+        self._bias_cache.clear()
+
+    def _apply(self, fn, recurse: bool = True):
+        self._bias_cache.clear()  # .to() / .half() / .cuda() may reuse freed storage for new tables
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True) -> AgentAttention:
+        self._bias_cache.clear()
+        return super().train(mode)
+
     def _attend(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """``tokens``: ``(B, P + H*W, C)`` -> ``(B, P + H*W, C)``."""
         B, N, C = tokens.shape
         P = self.num_prefix_tokens
-        h, d = self.num_heads, self.head_dim
-        q, k, v = self.qkv(tokens).view(B, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, d)
+        h, d, n = self.num_heads, self.head_dim, self.agent_num
+        # token-major (B, N, heads, d) views; unbinding the qkv axis in place keeps the backward to one stack
+        q_t, k_t, v_t = self.qkv(tokens).view(B, N, 3, h, d).unbind(2)
+        q, k, v = q_t.transpose(1, 2), k_t.transpose(1, 2), v_t.transpose(1, 2)  # (B, heads, N, d)
 
-        # agents: the patch queries of every head average-pooled to an s x s grid -> (B, heads, n, d)
-        q_map = q[:, :, P:].reshape(B * h, height, width, d).permute(0, 3, 1, 2)
-        agents = F.adaptive_avg_pool2d(q_map, self.pool_size).reshape(B, h, d, self.agent_num).transpose(-1, -2)
+        # agents: the patch queries (all heads at once, channels-last view) average-pooled to an s x s grid,
+        # pre-multiplied by the softmax scale -> (B, heads, n, d)
+        agents = F.adaptive_avg_pool2d(self._patch_map(q_t, height, width), self.pool_size)
+        agents = agents.permute(0, 2, 3, 1).reshape(B, n, h, d).transpose(1, 2) * d**-0.5
 
-        dropout_p = self.attn_drop if self.training else 0.0
-        agent_bias = self._position_bias(self.an_bias, self.ah_bias, self.aw_bias, self.ac_bias, height, width)
-        agent_v = F.scaled_dot_product_attention(agents, k, v, attn_mask=agent_bias.to(q.dtype), dropout_p=dropout_p)
-        token_bias = self._position_bias(self.na_bias, self.ha_bias, self.wa_bias, self.ca_bias, height, width)
-        out = F.scaled_dot_product_attention(
-            q, agents, agent_v, attn_mask=token_bias.transpose(-1, -2).to(q.dtype), dropout_p=dropout_p
-        )
+        agent_bias, token_bias = self._biases(height, width, q.dtype)
+        agent_v = self._drop(torch.softmax(agents @ k.transpose(-1, -2) + agent_bias, dim=-1)) @ v
+        out = self._drop(torch.softmax(q @ agents.transpose(-1, -2) + token_bias, dim=-1)) @ agent_v
         out = out.transpose(1, 2).reshape(B, N, C)
 
-        # depthwise 3x3 conv of the patch values on their grid (prefix tokens get none)
-        v_map = v[:, :, P:].transpose(1, 2).reshape(B, height, width, C).permute(0, 3, 1, 2)
-        local = self.dwc(v_map).permute(0, 2, 3, 1).reshape(B, height * width, C)
-        out = torch.cat([out[:, :P], out[:, P:] + local], dim=1) if P > 0 else out + local
+        # + depthwise 3x3 conv of the patch values on their grid (prefix tokens get none), added in place
+        local = self.dwc(self._patch_map(v_t, height, width)).permute(0, 2, 3, 1)  # (B, H, W, C)
+        out[:, P:].view(B, height, width, C).add_(local)
         if self.gate is not None:
             out = self.gate(tokens, out)
         return self.proj_drop(self.proj(out))
+
+    def _patch_map(self, t: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Token-major ``(B, P + H*W, heads, d)`` -> the patch tokens as a ``(B, C, H, W)`` view (channels-last
+        strides, no copy; the prefix slice is skipped when there is none, so autograd adds no zero-filled grad)."""
+        if self.num_prefix_tokens:
+            t = t[:, self.num_prefix_tokens :]
+        return t.reshape(t.shape[0], height, width, -1).permute(0, 3, 1, 2)
+
+    def _drop(self, attn: torch.Tensor) -> torch.Tensor:
+        return F.dropout(attn, self.attn_drop) if self.training and self.attn_drop > 0 else attn
 
     def forward(
         self,

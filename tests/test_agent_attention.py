@@ -113,19 +113,68 @@ def test_runtime_interpolation_equals_resampled_tables(size):
     torch.testing.assert_close(module(x, list(size)), other(x, list(size)), atol=1e-6, rtol=1e-6)
 
 
-def test_both_attentions_run_through_sdpa_with_float_masks():
-    module = AgentAttention(DIM, HEADS, agent_num=4, grid_size=6).eval()
-    with mock.patch("torch.nn.functional.scaled_dot_product_attention", wraps=F.scaled_dot_product_attention) as sdpa:
-        module(torch.randn(1, 6, 6, DIM))
-    assert sdpa.call_count == 2
-    masks = [call.kwargs["attn_mask"] for call in sdpa.call_args_list]
-    assert [m.dtype for m in masks] == [torch.float32, torch.float32]
-    assert masks[0].shape == (HEADS, 4, 36) and masks[1].shape == (HEADS, 36, 4)
+def _fresh(module: AgentAttention, x: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """The module's output with the biases rebuilt from the tables (autograd on: nothing is cached)."""
+    with torch.enable_grad():
+        return module(x, size).detach()
+
+
+def test_eval_bias_cache_is_exact_at_alternating_sizes():
+    module, _ = _module_with_official(1, "none")
+    inputs = {(5, 6): torch.randn(2, 31, DIM), (7, 9): torch.randn(2, 64, DIM)}
+    expected = {size: _fresh(module, x, list(size)) for size, x in inputs.items()}
+    with torch.no_grad():
+        for _ in range(2):
+            for size, x in inputs.items():
+                assert torch.equal(module(x, list(size)), expected[size])
+    assert len(module._bias_cache) == 2
+    with torch.inference_mode():
+        assert torch.equal(module(inputs[(5, 6)], [5, 6]), expected[(5, 6)])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw_fused"])
+def test_training_after_eval_does_not_use_stale_biases(optimizer):
+    """An optimizer step between two cached evaluations must show; fused AdamW bypasses the version counter, the
+    training forward before it empties the cache."""
+    module, _ = _module_with_official(1, "none")
+    x = torch.randn(2, 31, DIM)
+    with torch.no_grad():
+        before = module(x, [5, 6])
+    tables = [module.an_bias, module.ha_bias, module.ca_bias]
+    opt = torch.optim.SGD(tables, lr=1.0) if optimizer == "sgd" else torch.optim.AdamW(tables, lr=0.1, fused=True)
+    module.train()(x, [5, 6]).square().sum().backward()
+    opt.step()
+    module.eval()
+    with torch.no_grad():
+        after = module(x, [5, 6])
+    assert not torch.allclose(after, before)
+    assert torch.equal(after, _fresh(module, x, [5, 6]))
+
+
+def test_in_place_table_updates_and_device_moves_invalidate_the_cache():
+    module, _ = _module_with_official(0, "none")
+    x = torch.randn(1, 30, DIM)
+    with torch.no_grad():
+        before = module(x, [5, 6])
+        module.na_bias.add_(0.5)  # bumps the version counter
+        changed = module(x, [5, 6])
+    assert not torch.allclose(changed, before)
+    assert torch.equal(changed, _fresh(module, x, [5, 6]))
+    with torch.no_grad():
+        module(x, [5, 6])
+        module.double()
+        assert module(x.double(), [5, 6]).dtype == torch.float64 and len(module._bias_cache) == 1
+        module.wa_bias.data.add_(0.5)  # .data bypasses the counter: documented, cleared by hand
+        module.clear_bias_cache()
+        torch.testing.assert_close(module(x.double(), [5, 6]), _fresh(module, x.double(), [5, 6]))
 
 
 def test_gradients_reach_every_table():
     module = AgentAttention(DIM, HEADS, agent_num=4, grid_size=4, num_prefix_tokens=1, gate="headwise")
-    module(torch.randn(2, 1 + 5 * 7, DIM), [5, 7]).square().sum().backward()
+    x = torch.randn(2, 1 + 5 * 7, DIM)
+    with torch.no_grad():
+        module(x, [5, 7])  # a cached inference pass first must not cut the graph of the next one
+    module(x, [5, 7]).square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
