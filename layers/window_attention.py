@@ -225,7 +225,10 @@ class WindowAttention2d(MapTokenMixer):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0
         )
-        out = out.view(B, nW, self.num_heads, N, self.head_dim).transpose(2, 3).reshape(B, nW, N, C)
+        # an explicit copy: torch.export would record this reshape as a view when its fake SDPA output (N-major memory)
+        # allows one, which the ONNX exporter's SDPA decomposition (heads-major memory) then cannot replay
+        out = out.view(B, nW, self.num_heads, N, self.head_dim).transpose(2, 3)
+        out = out.clone(memory_format=torch.contiguous_format).view(B, nW, N, C)
 
         out = _window_merge(out, *win, Hp, Wp)
         if shift[0] or shift[1]:

@@ -63,9 +63,8 @@ def test_dynamic_size_is_refused_where_the_shape_logic_is_concrete(tmp_path):
 @pytest.mark.skipif(not os.environ.get("ATTNZOO_TEST_FULL"), reason="every model at full size: ATTNZOO_TEST_FULL=1")
 @pytest.mark.parametrize("name", attnzoo.list_models())
 def test_every_model_exports_at_its_default_size(tmp_path, name):
-    torch.manual_seed(0)
-    model = timm.create_model(name).eval()
-    path = export_onnx(name, tmp_path / "m.onnx")
+    model, folder = _exported_folder(tmp_path, name, {})
+    path = export_onnx(name, tmp_path / "m.onnx", weights=folder)
     x = torch.randn(1, *model.pretrained_cfg["input_size"])
     with torch.no_grad():
         torch.testing.assert_close(run_onnx(path, x), model(x), atol=1e-4, rtol=0)
