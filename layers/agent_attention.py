@@ -237,9 +237,12 @@ class AgentAttention(nn.Module):
         out = self._drop(torch.softmax(q @ agents.transpose(-1, -2) + token_bias, dim=-1)) @ agent_v
         out = out.transpose(1, 2).reshape(B, N, C)
 
-        # + depthwise 3x3 conv of the patch values on their grid (prefix tokens get none), added in place
+        # + depthwise 3x3 conv of the patch values on their grid (prefix tokens get none)
         local = self.dwc(self._patch_map(v_t, height, width)).permute(0, 2, 3, 1)  # (B, H, W, C)
-        out[:, P:].view(B, height, width, C).add_(local)
+        if P == 0 and torch.is_grad_enabled():  # out of place: an in-place add to a view costs autograd copies
+            out = out + local.reshape(B, N, C)
+        else:
+            out[:, P:].view(B, height, width, C).add_(local)
         if self.gate is not None:
             out = self.gate(tokens, out)
         return self.proj_drop(self.proj(out))
