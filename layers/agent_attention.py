@@ -33,6 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
+from attnzoo.kernels.tracing import is_exporting
+
 from .gate import create_gate
 from .mixer import check_no_attn_mask, register_mixer
 
@@ -60,7 +62,7 @@ def _cache_allowed(table: torch.Tensor) -> bool:
     inference-mode parameters (they carry no version counter)."""
     return not (
         torch.compiler.is_compiling()
-        or torch.compiler.is_exporting()
+        or is_exporting()
         or torch.jit.is_tracing()
         or table.is_inference()
         or table.device.type == "meta"
@@ -68,8 +70,9 @@ def _cache_allowed(table: torch.Tensor) -> bool:
 
 
 def _resize(table: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bilinear resize (``align_corners=False``) of the last two axes of a 4-D table; a no-op at the same size."""
-    if table.shape[-2] == height and table.shape[-1] == width:
+    """Bilinear resize (``align_corners=False``) of the last two axes of a 4-D table; a no-op at the same size
+    (skipped, except while ``torch.compile`` traces: one graph then serves every size, and the resize is exact)."""
+    if not torch.compiler.is_compiling() and table.shape[-2] == height and table.shape[-1] == width:
         return table
     return F.interpolate(table, size=(height, width), mode="bilinear", align_corners=False)
 

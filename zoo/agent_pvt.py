@@ -75,7 +75,8 @@ class PatchEmbedWithPos(nn.Module):
         x = self.norm(self.proj(x).permute(0, 2, 3, 1))
         H, W = x.shape[1], x.shape[2]
         pos = self.pos_embed
-        if pos.shape[1] != H or pos.shape[2] != W:
+        # traced: always resize (exact at the same size), so one compiled graph serves every input size
+        if torch.compiler.is_compiling() or pos.shape[1] != H or pos.shape[2] != W:
             pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(H, W), mode="bilinear", align_corners=False)
             pos = pos.permute(0, 2, 3, 1)
         return x + pos.to(x.dtype)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..tracing import is_exporting
 from .reference import na2d_reference
 
 
@@ -83,11 +84,6 @@ def _backward(ctx, grad_out):
 na2d_reference_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _is_exporting() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.7
-    return bool(is_exporting and is_exporting())
-
-
 def na2d_reference_compiled(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -99,6 +95,6 @@ def na2d_reference_compiled(
 ) -> torch.Tensor:
     """:func:`na2d_reference`, behind the custom op while ``torch.compile`` traces. ``torch.export`` (and the ONNX
     exporter built on it) traces the reference itself: an exported program must not need attnzoo's op to run."""
-    if torch.compiler.is_compiling() and not _is_exporting():
+    if torch.compiler.is_compiling() and not is_exporting():
         return na2d_reference_op(q, k, v, rpb, *kernel_size, *dilation, scale)
     return na2d_reference(q, k, v, kernel_size, dilation, rpb, scale)
