@@ -203,20 +203,20 @@ def _na2d_backward_key_kernel(
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-def backward_config(dtype: torch.dtype, precision: str, head_dim: int) -> dict[str, dict[str, int]]:
+def backward_config(dtype: torch.dtype, head_dim: int) -> dict[str, dict[str, int]]:
     """Tiling constexprs and launch options of the two backward kernels, ``{"query": ..., "key": ...}`` (the query
     kernel tiles queries, the key kernel keys, in ``TILE_H x TILE_W`` tiles of one dilation group), for inputs of
-    ``dtype`` multiplied in ``precision``. A pure function: the launcher and the ahead-of-time check
-    (``benchmarks/triton_aot.py``) both use it. Exact float32 products (FMA units) get 16-wide inner blocks and
-    smaller tiles, which do not spill registers (see :func:`.triton_forward.forward_config`)."""
+    ``dtype``. A pure function: the launcher and the ahead-of-time check (``benchmarks/triton_aot.py``) both use it.
+    float32 gets the small tiles of :func:`.triton_forward.forward_config`; the key kernel walks 16 queries at a time
+    for heads wider than 32 (32-query blocks spill on sm_90)."""
     block_d = block_size(head_dim)
-    if dtype == torch.float32 and precision == "ieee":
+    if dtype == torch.float32:
         return {
             "query": dict(TILE_H=4, TILE_W=8, BLOCK_K=16, BLOCK_D=block_d, num_warps=8, num_stages=3),
             "key": dict(TILE_H=4, TILE_W=8, BLOCK_Q=16, BLOCK_D=block_d, num_warps=4, num_stages=3),
         }
     common = dict(TILE_H=8, TILE_W=8, BLOCK_D=block_d, num_warps=4, num_stages=3)
-    return {"query": dict(common, BLOCK_K=32), "key": dict(common, BLOCK_Q=32)}
+    return {"query": dict(common, BLOCK_K=32), "key": dict(common, BLOCK_Q=32 if block_d <= 32 else 16)}
 
 
 def _tiling(shape, kernel_size, dilation, config, scale):
@@ -249,13 +249,12 @@ def na2d_backward(
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    options = dot_options(q.dtype)
-    config = backward_config(q.dtype, options["PRECISION"], D)
+    config = backward_config(q.dtype, D)
     has_rpb = rpb is not None
     rpb_grad = has_rpb and rpb_grad
     rpb_arg = rpb if has_rpb else q
     rpb_strides = rpb.stride() if has_rpb else (0, 0, 0)
-    common = dict(KERNEL_H=kernel_size[0], KERNEL_W=kernel_size[1], HAS_RPB=has_rpb, **options)
+    common = dict(KERNEL_H=kernel_size[0], KERNEL_W=kernel_size[1], HAS_RPB=has_rpb, **dot_options(q.dtype))
     table = (2 * kernel_size[0] - 1) * (2 * kernel_size[1] - 1)
     query_grid, query_sizes = _tiling(q.shape, kernel_size, dilation, config["query"], scale)
     partial = torch.zeros((*query_grid[::-1], table) if rpb_grad else (1,), dtype=torch.float32, device=q.device)

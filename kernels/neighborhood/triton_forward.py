@@ -109,15 +109,14 @@ def _na2d_forward_kernel(
     tl.store(LSE + pid_bh * H * W + qrow * W + qcol, lse, mask=q_ok)
 
 
-def forward_config(dtype: torch.dtype, precision: str, head_dim: int) -> dict[str, int]:
+def forward_config(dtype: torch.dtype, head_dim: int) -> dict[str, int]:
     """Tiling constexprs (``TILE_H, TILE_W, BLOCK_K, BLOCK_D``) and launch options (``num_warps, num_stages``) of the
-    forward kernel for inputs of ``dtype`` multiplied in ``precision`` (the ``PRECISION`` of
-    :func:`~attnzoo.kernels.triton_common.dot_options`). A pure function: the launcher and the ahead-of-time check
+    forward kernel for inputs of ``dtype``. A pure function: the launcher and the ahead-of-time check
     (``benchmarks/triton_aot.py``) both use it.
 
-    Exact float32 products run on FMA units, whose operands take many more registers than tensor-core ones: the
-    8 x 8 tiles with 32-key blocks spill there (sm_80 and sm_90); 4 x 8 tiles, 16-key blocks and 8 warps do not."""
-    if dtype == torch.float32 and precision == "ieee":
+    float32 operands (exact products on FMA units, or TF32 ones) take far more registers than 16-bit ones: 8 x 8
+    tiles with 32-key blocks spill there on sm_80 / sm_90; 4 x 8 tiles with 16-key blocks over 8 warps do not."""
+    if dtype == torch.float32:
         return dict(TILE_H=4, TILE_W=8, BLOCK_K=16, BLOCK_D=block_size(head_dim), num_warps=8, num_stages=3)
     return dict(TILE_H=8, TILE_W=8, BLOCK_K=32, BLOCK_D=block_size(head_dim), num_warps=4, num_stages=3)
 
@@ -146,8 +145,7 @@ def na2d_forward(
     B, H, W, heads, D = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, heads, H, W), dtype=torch.float32, device=q.device)
-    options = dot_options(q.dtype)
-    config = forward_config(q.dtype, options["PRECISION"], D)
+    config = forward_config(q.dtype, D)
     tile = (config["TILE_H"], config["TILE_W"])
     (padded_h, tpg_h, tiles_h), (padded_w, tpg_w, tiles_w) = launch_config(H, W, kernel_size, dilation, tile)
     rpb_arg = rpb if rpb is not None else q
@@ -164,6 +162,6 @@ def na2d_forward(
         heads, H, W, padded_h, padded_w, dilation[0], dilation[1], tpg_h, tpg_w, tiles_w,
         scale * LOG2E.value, D,
         KERNEL_H=kernel_size[0], KERNEL_W=kernel_size[1],
-        HAS_RPB=rpb is not None, **options, **config,
+        HAS_RPB=rpb is not None, **dot_options(q.dtype), **config,
     )  # fmt: skip
     return out, lse

@@ -208,16 +208,17 @@ def _routed_attention_backward_key_kernel(
     )
 
 
-def backward_config(
-    dtype: torch.dtype, precision: str, tokens: int, keys: int, d_qk: int, d_v: int
-) -> dict[str, dict[str, int]]:
+def backward_config(dtype: torch.dtype, tokens: int, keys: int, d_qk: int, d_v: int) -> dict[str, dict[str, int]]:
     """Block constexprs and launch options of the two backward kernels, ``{"query": ..., "key": ...}``: the query
-    kernel blocks like the forward; the key kernel takes ``BLOCK_N`` keys of one region and walks the routed queries
-    in ``BLOCK_M`` blocks (the forward's key block, the ``K`` of its ``dV`` and ``dK`` products). A pure function:
-    the launcher and the ahead-of-time check (``benchmarks/triton_aot.py``) both use it."""
-    query = forward_config(dtype, precision, tokens, keys, d_qk, d_v)
-    key = dict(query, BLOCK_M=query["BLOCK_N"], BLOCK_N=query["BLOCK_M"])
-    return {"query": query, "key": key}
+    kernel blocks like the forward; the key kernel takes the forward's query block of one region's keys
+    (``BLOCK_N``) and walks the routed queries in blocks of the forward's key block (``BLOCK_M``, the ``K`` of its
+    ``dV`` and ``dK`` products), at most 32 for 16-bit heads wider than 32 (64-query blocks spill on sm_80). A pure
+    function: the launcher and the ahead-of-time check (``benchmarks/triton_aot.py``) both use it."""
+    query = forward_config(dtype, tokens, keys, d_qk, d_v)
+    walk = query["BLOCK_N"]
+    if dtype != torch.float32 and max(query["BLOCK_DQK"], query["BLOCK_DV"]) > 32:
+        walk = min(walk, 32)
+    return {"query": query, "key": dict(query, BLOCK_M=walk, BLOCK_N=query["BLOCK_M"])}
 
 
 def routed_attention_backward(
@@ -245,9 +246,8 @@ def routed_attention_backward(
     delta = torch.empty_like(lse)
     strides = {name: token_strides(t, n_win, layout) for name, t in dict(q=q, k=k, v=v, o=out, do=dout).items()}
     common = (scale, scale * LOG2E.value, heads, n_win, R, T, region_w, topk, d_qk, d_v)
-    dots = dot_options(q.dtype)
-    options = {**dots, **mask_args(q, layout, valid_h, valid_w)}
-    config = backward_config(q.dtype, dots["PRECISION"], T, topk * T, d_qk, d_v)
+    options = {**dot_options(q.dtype), **mask_args(q, layout, valid_h, valid_w)}
+    config = backward_config(q.dtype, T, topk * T, d_qk, d_v)
     launch(
         _routed_attention_backward_query_kernel, (triton.cdiv(T, config["query"]["BLOCK_M"]), R, B * heads),
         q, k, v, out, dout, dq, lse, delta, index,

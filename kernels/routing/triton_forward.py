@@ -116,20 +116,19 @@ def _routed_attention_forward_kernel(
     tl.store(LSE + ((b * HEADS + h) * R + r) * T + offs_m, m_i + tl.log2(l_i), mask=m_valid)
 
 
-def forward_config(dtype: torch.dtype, precision: str, tokens: int, keys: int, d_qk: int, d_v: int) -> dict[str, int]:
+def forward_config(dtype: torch.dtype, tokens: int, keys: int, d_qk: int, d_v: int) -> dict[str, int]:
     """Block constexprs (``BLOCK_M`` queries, ``BLOCK_N`` keys, ``BLOCK_DQK``, ``BLOCK_DV``) and launch options
     (``num_warps, num_stages``) of the forward kernel for regions of ``tokens`` tokens, ``keys`` routed keys and inputs
-    of ``dtype`` multiplied in ``precision`` (the ``PRECISION`` of :func:`~attnzoo.kernels.triton_common.dot_options`).
-    A pure function: the launcher and the ahead-of-time check (``benchmarks/triton_aot.py``) both use it.
+    of ``dtype``. A pure function: the launcher and the ahead-of-time check (``benchmarks/triton_aot.py``) both use it.
 
-    Blocks are >= 16 (``tl.dot``) and smaller for wide heads. Exact float32 products run on FMA units, which hold
-    whole ``K``-columns of both operands in registers: there the key block (the ``K`` of ``P V``) is 16, as wider
-    ones spill (sm_80 and sm_90)."""
+    Blocks are >= 16 (``tl.dot``), at most 64 (32 for heads wider than 64). float32 operands (exact products on FMA
+    units, or TF32 ones) take far more registers than 16-bit ones: 32 queries and 16 keys per block, as larger blocks
+    spill on sm_80 / sm_90."""
     block_dqk, block_dv = block_size(d_qk), block_size(d_v)
     cap = 64 if max(block_dqk, block_dv) <= 64 else 32
-    key_cap = 16 if dtype == torch.float32 and precision == "ieee" else cap
+    query_cap, key_cap = (32, 16) if dtype == torch.float32 else (cap, cap)
     return dict(
-        BLOCK_M=min(cap, block_size(tokens)),
+        BLOCK_M=min(query_cap, block_size(tokens)),
         BLOCK_N=min(key_cap, block_size(keys)),
         BLOCK_DQK=block_dqk,
         BLOCK_DV=block_dv,
@@ -164,8 +163,7 @@ def routed_attention_forward(
     index = index.to(torch.int32).contiguous()
     out = q.new_empty((*q.shape[:-1], d_v))
     lse = torch.empty((B, heads, R, T), device=q.device, dtype=torch.float32)
-    options = dot_options(q.dtype)
-    config = forward_config(q.dtype, options["PRECISION"], T, topk * T, d_qk, d_v)
+    config = forward_config(q.dtype, T, topk * T, d_qk, d_v)
     launch(
         _routed_attention_forward_kernel, (triton.cdiv(T, config["BLOCK_M"]), R, B * heads),
         q, k, v, out, lse, index,
@@ -174,6 +172,6 @@ def routed_attention_forward(
         index.stride(0), index.stride(1),
         scale * LOG2E.value,
         heads, n_win, R, T, region_w, topk, d_qk, d_v,
-        **options, **mask_args(q, layout, valid_h, valid_w), **config,
+        **dot_options(q.dtype), **mask_args(q, layout, valid_h, valid_w), **config,
     )  # fmt: skip
     return out, lse
