@@ -1,0 +1,26 @@
+"""The tile of the neighborhood-attention kernels: one decision for the PyTorch reference (the CPU path, and what
+``torch.export`` / ONNX trace), the Triton launchers and the ahead-of-time compile sweep (``benchmarks/triton_aot.py``
+replays the launchers, so it compiles exactly these tiles).
+
+A tile is ``tile_h x tile_w`` queries of one dilation group; its keys are the halo that holds all their windows,
+``(tile_h + k0 - 1) x (tile_w + k1 - 1)`` away from the borders. Larger tiles make larger dense products but waste more
+of them on keys outside each query's window (``(t + k - 1)^2 / k^2`` products per useful one for square tiles).
+
+* ``"reference"``: dense ``bmm`` products on the CPU (``benchmarks/bench_cpu.py`` measures the choice): tiles of 4
+  queries per axis (6 for kernels up to 5), where the products still run near the matmul speed of the CPU and the halo
+  costs about 2x the useful products for ``k = 7``.
+* ``"triton"``: one program per tile on a GPU. float32 operands (exact products on FMA units, or TF32 ones) take far
+  more registers than 16-bit ones: 8 x 8 tiles spill there on sm_80 / sm_90, 4 x 8 tiles do not.
+"""
+
+from __future__ import annotations
+
+import torch
+
+def na2d_tile(kernel_size: tuple[int, int], dtype: torch.dtype, backend: str) -> tuple[int, int]:
+    """``(tile_h, tile_w)``: most queries per tile and axis of :func:`attnzoo.kernels.na2d` on ``backend``."""
+    if backend == "triton":
+        return (4, 8) if dtype == torch.float32 else (8, 8)
+    if backend != "reference":
+        raise ValueError(f"backend must be 'reference' or 'triton', got '{backend}'")
+    return (4, 4)
