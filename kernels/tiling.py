@@ -6,9 +6,10 @@ A tile is ``tile_h x tile_w`` queries of one dilation group; its keys are the ha
 ``(tile_h + k0 - 1) x (tile_w + k1 - 1)`` away from the borders. Larger tiles make larger dense products but waste more
 of them on keys outside each query's window (``(t + k - 1)^2 / k^2`` products per useful one for square tiles).
 
-* ``"reference"``: dense ``bmm`` products on the CPU (``benchmarks/bench_cpu.py`` measures the choice): tiles of 4
-  queries per axis (6 for kernels up to 5), where the products still run near the matmul speed of the CPU and the halo
-  costs about 2x the useful products for ``k = 7``.
+* ``"reference"``: batched dense products on the CPU (``bmm``, and the fused ``scaled_dot_product_attention`` for
+  inference): 4 x 8 tiles, 32 queries against a 10 x 14 halo for ``k = 7`` (2.9 products per useful one). Square 4 x 4
+  tiles waste less (2.0) but their products are too small to run near the CPU's matmul speed, and copy each key 6
+  times into the halos; 7 x 7 / 8 x 8 tiles waste 3.4 / 4.0 (``benchmarks/bench_cpu.py`` measures the choice).
 * ``"triton"``: one program per tile on a GPU. float32 operands (exact products on FMA units, or TF32 ones) take far
   more registers than 16-bit ones: 8 x 8 tiles spill there on sm_80 / sm_90, 4 x 8 tiles do not.
 """
@@ -17,10 +18,11 @@ from __future__ import annotations
 
 import torch
 
+
 def na2d_tile(kernel_size: tuple[int, int], dtype: torch.dtype, backend: str) -> tuple[int, int]:
     """``(tile_h, tile_w)``: most queries per tile and axis of :func:`attnzoo.kernels.na2d` on ``backend``."""
     if backend == "triton":
         return (4, 8) if dtype == torch.float32 else (8, 8)
     if backend != "reference":
         raise ValueError(f"backend must be 'reference' or 'triton', got '{backend}'")
-    return (4, 4)
+    return (4, 8)

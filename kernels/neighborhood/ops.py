@@ -139,10 +139,6 @@ def na2d_reference_op(
     """The reference: as the custom op while ``torch.compile`` traces (one graph for every size) or autograd records
     (the hand-written backward); as plain tensor ops for inference and while ``torch.export`` traces (an exported
     program must not need attnzoo's op to run)."""
-    if is_exporting():
-        return na2d_reference(q, k, v, kernel_size, dilation, rpb, scale)
-    tensors = (q, k, v) if rpb is None else (q, k, v, rpb)
-    records_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if records_grad or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not is_exporting():
         return na2d_reference_forward_op(q, k, v, rpb, *kernel_size, *dilation, scale)[0]
     return na2d_reference(q, k, v, kernel_size, dilation, rpb, scale)

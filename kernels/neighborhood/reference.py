@@ -8,7 +8,7 @@ additive bias that holds the RPB inside every query's window and ``-inf`` outsid
 batched ``p v`` product. The RPB cell of a (query slot, key slot) pair is the same in every tile and the 2-D window
 mask is the product of two axis masks, so the bias is added as two broadcast terms (RPB + row mask, column mask)
 without a per-tile bias tensor. Memory is ``O(B * heads * H * W * span_h * span_w)`` for the logits (about
-``(span / tile)^2`` times the ``k0 * k1`` exact neighborhoods, 2x for ``k = 7`` and 4 x 4 tiles) plus as many copies of
+``span / tile`` times the ``k0 * k1`` exact neighborhoods, 2.9x for ``k = 7`` and 4 x 8 tiles) plus as many copies of
 K and V, never ``(H * W)^2``.
 
 Gradients: :func:`na2d_reference` is differentiable by autograd (the traced path); :func:`na2d_reference_forward` /
@@ -56,45 +56,48 @@ def _geometry(
     return geo
 
 
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """``(B, H, W, heads, C)`` -> contiguous ``(B * heads, H * W, C)``."""
+    B, H, W, heads, C = x.shape
+    return x.permute(0, 3, 1, 2, 4).reshape(B * heads, H * W, C)
+
+
 def _tiles(x: torch.Tensor, index: torch.Tensor, slots: int) -> torch.Tensor:
-    """Rows of a ``(B, H, W, heads, D)`` map at the flat positions ``index``: ``(B * heads * tiles, slots, D)``."""
-    B, H, W, heads, D = x.shape
-    heads_first = x.permute(0, 3, 1, 2, 4).reshape(B, heads, H * W, D)
-    return heads_first.index_select(2, index).view(-1, slots, D)
+    """Rows of a heads-first ``(B * heads, H * W, C)`` map at the flat positions ``index``: ``(B * heads * tiles,
+    slots, C)``."""
+    return x.index_select(1, index).view(-1, slots, x.shape[-1])
 
 
 def _untile(x: torch.Tensor, inverse: torch.Tensor, shape: list[int]) -> torch.Tensor:
     """Tile rows ``(B * heads * tiles, slots, D)`` back to a contiguous ``(B, H, W, heads, D)`` map (each position
     reads its own query slot)."""
     B, H, W, heads, D = shape
-    out = x.view(B, heads, -1, D).index_select(2, inverse)
+    out = x.view(B * heads, -1, D).index_select(1, inverse)
     return out.view(B, heads, H, W, D).permute(0, 2, 3, 1, 4).contiguous()
 
 
 def _untile_stats(x: torch.Tensor, inverse: torch.Tensor, B: int, heads: int, H: int, W: int) -> torch.Tensor:
     """Per-query tile statistics ``(B * heads * tiles, slots, 1)`` back to ``(B, heads, H, W)``."""
-    return x.view(B, heads, -1).index_select(2, inverse).view(B, heads, H, W)
+    return x.view(B * heads, -1).index_select(1, inverse).view(B, heads, H, W)
 
 
 def _tile_stats(x: torch.Tensor, index: torch.Tensor, slots: int) -> torch.Tensor:
-    """Per-query statistics ``(B, heads, H * W (+ 1))`` at the query slots ``index``: ``(B * heads * tiles, slots,
+    """Per-query statistics ``(B * heads, H * W (+ 1))`` at the query slots ``index``: ``(B * heads * tiles, slots,
     1)``."""
-    return x.index_select(2, index).view(-1, slots, 1)
+    return x.index_select(1, index).view(-1, slots, 1)
 
 
 def _axis_mask(axis: AxisTiling, dtype: torch.dtype) -> torch.Tensor:
     """``(T, tile, span)``: 0 where the key slot is in the query slot's window, ``-inf`` elsewhere."""
-    return torch.zeros(axis.valid.shape, dtype=dtype, device=axis.valid.device).masked_fill(
-        ~axis.valid, float("-inf")
-    )
+    return torch.zeros(axis.valid.shape, dtype=dtype, device=axis.valid.device).masked_fill(~axis.valid, float("-inf"))
 
 
 def _bias_terms(
     geo: TileGeometry, rpb: torch.Tensor | None, heads: int, kernel_size: tuple[int, int], dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two terms whose broadcast sum over logits ``(B, heads, Tr, Tc, tr, tc, sr, sc)`` is the bias of every tile:
-    ``(heads or 1, Tr, 1, tr, tc or 1, sr, sc or 1)`` (the RPB plus the row mask) and ``(1, 1, Tc, 1, tc, 1, sc)``
-    (the column mask)."""
+    ``(heads or 1, Tr, 1, tr, tc or 1, sr, sc or 1)`` (the RPB plus the row mask) and ``(Tc, 1, tc, sr, sc)`` (the
+    column mask, repeated over the key rows so that the broadcast adds contiguous blocks)."""
     num_r, tile_r, span_r = geo.rows.valid.shape
     num_c, tile_c, span_c = geo.cols.valid.shape
     row_term = _axis_mask(geo.rows, dtype).view(num_r, 1, tile_r, 1, span_r, 1)
@@ -102,8 +105,8 @@ def _bias_terms(
         cells = (2 * kernel_size[0] - 1) * (2 * kernel_size[1] - 1)
         table = rpb.reshape(heads, cells).to(dtype).index_select(1, geo.rel_index)
         row_term = table.view(heads, 1, 1, tile_r, tile_c, span_r, span_c) + row_term
-    col_term = _axis_mask(geo.cols, dtype).view(1, 1, num_c, 1, tile_c, 1, span_c)
-    return row_term, col_term
+    col_term = _axis_mask(geo.cols, dtype).view(num_c, 1, tile_c, 1, span_c).expand(num_c, 1, tile_c, span_r, span_c)
+    return row_term, col_term.contiguous()
 
 
 def _logits(
@@ -179,20 +182,39 @@ def _forward(
         geo = _geometry(H, W, kernel_size, dilation, tile_hw, q.device)
     queries = geo.rows.valid.shape[1] * geo.cols.valid.shape[1]
     keys = geo.rows.valid.shape[2] * geo.cols.valid.shape[2]
-    nonfinite = may_hold_nonfinite([q, k, v])
-    q_in, k_in, v_in = q, k, v
+    # heads-first copies (K and V side by side: one gather serves both); contiguous, so the checks are fast
+    q_hf = _heads_first(q)
+    kv_hf = torch.cat((k.permute(0, 3, 1, 2, 4), v.permute(0, 3, 1, 2, 4)), -1).reshape(B * heads, H * W, 2 * D)
+    nonfinite = may_hold_nonfinite([q_hf, kv_hf])
     if nonfinite:
-        q_in, k_in, v_in = _finite_or_zero(q), _finite_or_zero(k), _finite_or_zero(v)
-    q_tiles = _tiles(q_in, geo.query_index, queries) * scale
-    logits = _logits(q_tiles, _tiles(k_in, geo.key_index, keys), geo, rpb, B, heads, kernel_size)
+        q_hf, kv_hf = _finite_or_zero(q_hf), _finite_or_zero(kv_hf)
+    q_tiles = _tiles(q_hf, geo.query_index, queries)
+    kv_tiles = _tiles(kv_hf, geo.key_index, keys)
+    k_tiles, v_tiles = kv_tiles[:, :, :D], kv_tiles[:, :, D:]
     lse: torch.Tensor | None = None
-    if with_lse:
-        lse_tiles = torch.logsumexp(logits, -1, keepdim=True)
-        probs = logits.sub_(lse_tiles).exp_()
-        lse = _untile_stats(lse_tiles, geo.inverse, B, heads, H, W)
-    else:
-        probs = torch.softmax(logits, -1)
-    out = torch.bmm(probs.to(v.dtype), _tiles(v_in, geo.key_index, keys))
+    records_grad = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad or (rpb is not None and rpb.requires_grad)
+    )
+    if with_lse or records_grad:
+        logits = _logits(q_tiles * scale, k_tiles, geo, rpb, B, heads, kernel_size)
+        if with_lse:
+            lse_tiles = torch.logsumexp(logits, -1, keepdim=True)
+            probs = logits.sub_(lse_tiles).exp_()
+            lse = _untile_stats(lse_tiles, geo.inverse, B, heads, H, W)
+        else:
+            probs = torch.softmax(logits, -1)
+        out = torch.bmm(probs.to(v.dtype), v_tiles)
+    else:  # fused: no logits materialised
+        row_term, col_term = _bias_terms(geo, rpb, heads, kernel_size, q.dtype)
+        mask = row_term + col_term  # (heads or 1, Tr, Tc, tr, tc, sr, sc)
+        batch = B if rpb is not None else B * heads  # heads join the mask's tiles, or the batch
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q_tiles.view(batch, -1, queries, D),
+            k_tiles.view(batch, -1, keys, D),
+            v_tiles.view(batch, -1, keys, D),
+            attn_mask=mask.view(1, -1, queries, keys),
+            scale=scale,
+        )
     out = _untile(out, geo.inverse, [B, H, W, heads, D])
     if nonfinite:
         out = out.masked_fill(_nonfinite_reach(q, k, v, geo, dilation), float("nan"))
@@ -252,16 +274,16 @@ def na2d_reference_backward(
     queries = geo.rows.valid.shape[1] * geo.cols.valid.shape[1]
     keys = geo.rows.valid.shape[2] * geo.cols.valid.shape[2]
     tiles = geo.rows.valid.shape[0] * geo.cols.valid.shape[0]
-    q_tiles = _tiles(q, geo.query_index, queries) * scale
-    k_tiles = _tiles(k, geo.key_index, keys)
-    v_tiles = _tiles(v, geo.key_index, keys)
-    do_tiles = _tiles(grad_out, geo.query_index, queries)
+    q_tiles = _tiles(_heads_first(q), geo.query_index, queries) * scale
+    k_tiles = _tiles(_heads_first(k), geo.key_index, keys)
+    v_tiles = _tiles(_heads_first(v), geo.key_index, keys)
+    do_tiles = _tiles(_heads_first(grad_out), geo.query_index, queries)
     # P = exp(S - lse); slots of no real query get lse = +inf, hence P = 0 and no gradient
-    lse_flat = torch.nn.functional.pad(lse.reshape(B, heads, H * W), (0, 1), value=float("inf"))
+    lse_flat = torch.nn.functional.pad(lse.reshape(B * heads, H * W), (0, 1), value=float("inf"))
     probs = _logits(q_tiles, k_tiles, geo, rpb, B, heads, kernel_size)
     compute = probs.dtype
     probs = probs.sub_(_tile_stats(lse_flat.to(compute), geo.query_or_sentinel, queries)).exp_()
-    delta = (grad_out.to(compute) * out.to(compute)).sum(-1).permute(0, 3, 1, 2).reshape(B, heads, H * W)
+    delta = (grad_out.to(compute) * out.to(compute)).sum(-1).permute(0, 3, 1, 2).reshape(B * heads, H * W)
     grad_probs = torch.bmm(do_tiles, v_tiles.transpose(1, 2)).to(compute)
     grad_logits = grad_probs.sub_(_tile_stats(delta, geo.query_index, queries)).mul_(probs)  # P * (dP - delta)
     drpb: torch.Tensor | None = None
@@ -284,6 +306,6 @@ def _scatter_keys(x: torch.Tensor, index: torch.Tensor, shape: list[int]) -> tor
     accumulated in at least float32."""
     B, H, W, heads, D = shape
     acc = torch.promote_types(x.dtype, torch.float32)
-    total = torch.zeros((B, heads, H * W, D), dtype=acc, device=x.device)
-    total.index_add_(2, index, x.view(B, heads, -1, D).to(acc))
+    total = torch.zeros((B * heads, H * W, D), dtype=acc, device=x.device)
+    total.index_add_(1, index, x.view(B * heads, -1, D).to(acc))
     return total.view(B, heads, H, W, D).permute(0, 2, 3, 1, 4).to(x.dtype, memory_format=torch.contiguous_format)

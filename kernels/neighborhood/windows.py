@@ -10,10 +10,11 @@ and the padded positions are never valid keys.
 Dilation makes ``d`` strided sub-grids (the groups), each an undilated problem. :func:`axis_tiling` cuts every group
 into tiles of at most ``tile`` consecutive queries (the same number of tiles per group, evened out) and gives every
 tile the *same* halo: the ``span`` group positions ``first + offset .. first + offset + span - 1`` around its first
-query ``first``, where ``offset`` and ``span`` are the smallest that hold the windows of every tile (``offset = -k // 2``
-and ``span = tile + k - 1`` away from the borders; a border shifts its windows inward and may widen the halo). With one
-offset the relative position of a (query slot, key slot) pair, hence its RPB cell, is the same in every tile; only the
-validity (the key is in the query's window and is a real position) differs, and only in border tiles.
+query ``first``, where ``offset`` and ``span`` are the smallest that hold the windows of every tile (``offset =
+-k // 2`` and ``span = tile + k - 1`` away from the borders; a border shifts its windows inward and may widen the
+halo). With one offset the relative position of a (query slot, key slot) pair, hence its RPB cell, is the same in
+every tile; only the validity (the key is in the query's window and is a real position) differs, and only in border
+tiles.
 :func:`tile_geometry` combines two axes into the flat gather indices of 2-D tiles; a 2-D neighborhood is the product of
 its axes, so the 2-D validity is the product of the axes' validities.
 
