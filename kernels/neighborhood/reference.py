@@ -33,6 +33,13 @@ _GEOMETRY_CACHE: dict[tuple, TileGeometry] = {}
 _GEOMETRY_CACHE_SIZE = 64
 
 
+def _default_tile(
+    height: int, width: int, kernel_size: tuple[int, int], dilation: tuple[int, int], dtype: torch.dtype
+) -> tuple[int, int]:
+    groups = ((height + dilation[0] - 1) // dilation[0], (width + dilation[1] - 1) // dilation[1])
+    return na2d_tile(kernel_size, dtype, "reference", groups)
+
+
 def _geometry(
     height: int,
     width: int,
@@ -87,26 +94,32 @@ def _tile_stats(x: torch.Tensor, index: torch.Tensor, slots: int) -> torch.Tenso
     return x.index_select(1, index).view(-1, slots, 1)
 
 
-def _axis_mask(axis: AxisTiling, dtype: torch.dtype) -> torch.Tensor:
-    """``(T, tile, span)``: 0 where the key slot is in the query slot's window, ``-inf`` elsewhere."""
-    return torch.zeros(axis.valid.shape, dtype=dtype, device=axis.valid.device).masked_fill(~axis.valid, float("-inf"))
-
-
 def _bias_terms(
     geo: TileGeometry, rpb: torch.Tensor | None, heads: int, kernel_size: tuple[int, int], dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two terms whose broadcast sum over logits ``(B, heads, Tr, Tc, tr, tc, sr, sc)`` is the bias of every tile:
     ``(heads or 1, Tr, 1, tr, tc or 1, sr, sc or 1)`` (the RPB plus the row mask) and ``(Tc, 1, tc, sr, sc)`` (the
     column mask, repeated over the key rows so that the broadcast adds contiguous blocks)."""
-    num_r, tile_r, span_r = geo.rows.valid.shape
-    num_c, tile_c, span_c = geo.cols.valid.shape
-    row_term = _axis_mask(geo.rows, dtype).view(num_r, 1, tile_r, 1, span_r, 1)
+    tile_r, span_r = geo.rows.valid.shape[1], geo.rows.valid.shape[2]
+    tile_c, span_c = geo.cols.valid.shape[1], geo.cols.valid.shape[2]
+    row_term = geo.row_mask.to(dtype)
     if rpb is not None:
         cells = (2 * kernel_size[0] - 1) * (2 * kernel_size[1] - 1)
         table = rpb.reshape(heads, cells).to(dtype).index_select(1, geo.rel_index)
         row_term = table.view(heads, 1, 1, tile_r, tile_c, span_r, span_c) + row_term
-    col_term = _axis_mask(geo.cols, dtype).view(num_c, 1, tile_c, 1, span_c).expand(num_c, 1, tile_c, span_r, span_c)
-    return row_term, col_term.contiguous()
+    return row_term, geo.col_mask.to(dtype)
+
+
+def _attention_mask(
+    geo: TileGeometry, rpb: torch.Tensor | None, heads: int, kernel_size: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
+    """The whole additive bias ``(heads or 1, Tr * Tc * tr * tc * sr * sc)`` (RPB and window masks) of every tile."""
+    if rpb is not None and geo.cell_index.numel() > 0:  # one tile: one gather from the extended table
+        cells = (2 * kernel_size[0] - 1) * (2 * kernel_size[1] - 1)
+        table = torch.nn.functional.pad(rpb.reshape(heads, cells).to(dtype), (0, 1), value=float("-inf"))
+        return table.index_select(1, geo.cell_index)
+    row_term, col_term = _bias_terms(geo, rpb, heads, kernel_size, dtype)
+    return (row_term + col_term).flatten(1)
 
 
 def _logits(
@@ -175,7 +188,7 @@ def _forward(
     with_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     B, H, W, heads, D = q.shape
-    tile_hw = na2d_tile(kernel_size, q.dtype, "reference") if tile is None else tile
+    tile_hw = _default_tile(H, W, kernel_size, dilation, q.dtype) if tile is None else tile
     if torch.jit.is_scripting():
         geo = tile_geometry(H, W, kernel_size, dilation, tile_hw, q.device)
     else:
@@ -205,8 +218,7 @@ def _forward(
             probs = torch.softmax(logits, -1)
         out = torch.bmm(probs.to(v.dtype), v_tiles)
     else:  # fused: no logits materialised
-        row_term, col_term = _bias_terms(geo, rpb, heads, kernel_size, q.dtype)
-        mask = row_term + col_term  # (heads or 1, Tr, Tc, tr, tc, sr, sc)
+        mask = _attention_mask(geo, rpb, heads, kernel_size, q.dtype)  # (heads or 1, Tr, Tc, tr, tc, sr, sc)
         batch = B if rpb is not None else B * heads  # heads join the mask's tiles, or the batch
         out = torch.nn.functional.scaled_dot_product_attention(
             q_tiles.view(batch, -1, queries, D),
@@ -270,7 +282,7 @@ def na2d_reference_backward(
     """Gradients ``(dq, dk, dv, drpb)`` of :func:`na2d_reference_forward` (``drpb`` is None without an RPB table or
     when ``rpb_grad`` is False); ``dq, dk, dv`` contiguous ``(B, H, W, heads, D)`` in the input dtype."""
     B, H, W, heads, D = q.shape
-    geo = _geometry(H, W, kernel_size, dilation, na2d_tile(kernel_size, q.dtype, "reference"), q.device)
+    geo = _geometry(H, W, kernel_size, dilation, _default_tile(H, W, kernel_size, dilation, q.dtype), q.device)
     queries = geo.rows.valid.shape[1] * geo.cols.valid.shape[1]
     keys = geo.rows.valid.shape[2] * geo.cols.valid.shape[2]
     tiles = geo.rows.valid.shape[0] * geo.cols.valid.shape[0]

@@ -146,6 +146,12 @@ class TileGeometry(NamedTuple):
         inverse: ``(H * W,)`` flat query slot of every map position.
         rel_index: ``(tr * tc * sr * sc,)`` flat RPB cell ``rel_row * (2 * k1 - 1) + rel_col`` of every (query slot,
             key slot) pair.
+        row_mask: ``(Tr, 1, tr, 1, sr, 1)`` float32, 0 where the key row is in the query row's window (and real),
+            ``-inf`` elsewhere; broadcasts over logits ``(Tr, Tc, tr, tc, sr, sc)``.
+        col_mask: ``(Tc, 1, tc, sr, sc)`` float32, the same for columns, repeated over the key rows.
+        cell_index: for a single tile (``Tr = Tc = 1``), ``(tr * tc * sr * sc,)`` RPB cell of every (query slot, key
+            slot) pair, or ``(2 * k0 - 1) * (2 * k1 - 1)`` (one past the table) outside the query's window: the whole
+            bias is one gather from the table extended by a ``-inf`` cell. Empty for several tiles.
     """
 
     rows: AxisTiling
@@ -155,6 +161,14 @@ class TileGeometry(NamedTuple):
     key_index: torch.Tensor
     inverse: torch.Tensor
     rel_index: torch.Tensor
+    row_mask: torch.Tensor
+    col_mask: torch.Tensor
+    cell_index: torch.Tensor
+
+
+def _additive_mask(valid: torch.Tensor) -> torch.Tensor:
+    """0 where ``valid``, ``-inf`` elsewhere (float32)."""
+    return torch.zeros(valid.shape, dtype=torch.float32, device=valid.device).masked_fill(~valid, float("-inf"))
 
 
 def tile_geometry(
@@ -177,6 +191,14 @@ def tile_geometry(
     inverse = ((tile_of_row[:, None] * num_c + tile_of_col[None, :]) * tile_r + slot_of_row[:, None]) * tile_c
     inverse = inverse + slot_of_col[None, :]
     rel = rows.rel[:, None, :, None] * (2 * kernel_size[1] - 1) + cols.rel[None, :, None, :]
+    num_r, span_r = rows.valid.shape[0], rows.valid.shape[2]
+    span_c = cols.valid.shape[2]
+    row_mask = _additive_mask(rows.valid).view(num_r, 1, tile_r, 1, span_r, 1)
+    cell_index = torch.zeros(0, dtype=rel.dtype, device=rel.device)
+    if num_r * num_c == 1:
+        valid = rows.valid[0, :, None, :, None] & cols.valid[0, None, :, None, :]
+        cell_index = rel.masked_fill(~valid, (2 * kernel_size[0] - 1) * (2 * kernel_size[1] - 1)).flatten()
+    col_mask = _additive_mask(cols.valid).view(num_c, 1, tile_c, 1, span_c).expand(num_c, 1, tile_c, span_r, span_c)
     return TileGeometry(
         rows=rows,
         cols=cols,
@@ -185,4 +207,7 @@ def tile_geometry(
         key_index=keys.flatten(),
         inverse=inverse.flatten(),
         rel_index=rel.flatten(),
+        row_mask=row_mask,
+        col_mask=col_mask.contiguous(),
+        cell_index=cell_index,
     )
