@@ -201,8 +201,9 @@ def _forward(
     nonfinite = may_hold_nonfinite([q_hf, kv_hf])
     if nonfinite:
         q_hf, kv_hf = _finite_or_zero(q_hf), _finite_or_zero(kv_hf)
-    q_tiles = _tiles(q_hf, geo.query_index, queries)
-    kv_tiles = _tiles(kv_hf, geo.key_index, keys)
+    identity = geo.rows.identity and geo.cols.identity  # one tile, the map itself: nothing to gather
+    q_tiles = q_hf if identity else _tiles(q_hf, geo.query_index, queries)
+    kv_tiles = kv_hf if identity else _tiles(kv_hf, geo.key_index, keys)
     k_tiles, v_tiles = kv_tiles[:, :, :D], kv_tiles[:, :, D:]
     lse: torch.Tensor | None = None
     records_grad = torch.is_grad_enabled() and (
@@ -213,7 +214,7 @@ def _forward(
         if with_lse:
             lse_tiles = torch.logsumexp(logits, -1, keepdim=True)
             probs = logits.sub_(lse_tiles).exp_()
-            lse = _untile_stats(lse_tiles, geo.inverse, B, heads, H, W)
+            lse = lse_tiles.view(B, heads, H, W) if identity else _untile_stats(lse_tiles, geo.inverse, B, heads, H, W)
         else:
             probs = torch.softmax(logits, -1)
         out = torch.bmm(probs.to(v.dtype), v_tiles)
@@ -227,7 +228,10 @@ def _forward(
             attn_mask=mask.view(1, -1, queries, keys),
             scale=scale,
         )
-    out = _untile(out, geo.inverse, [B, H, W, heads, D])
+    if identity:
+        out = out.reshape(B, heads, H, W, D).permute(0, 2, 3, 1, 4).contiguous()
+    else:
+        out = _untile(out, geo.inverse, [B, H, W, heads, D])
     if nonfinite:
         out = out.masked_fill(_nonfinite_reach(q, k, v, geo, dilation), float("nan"))
     return out, lse

@@ -44,6 +44,7 @@ class AxisTiling(NamedTuple):
         inverse: ``(L,)`` flat slot ``tile_id * tile + slot`` holding each axis position's query.
         window_first, window_last: ``(L,)`` indices into the group-major prefix sums of :func:`window_sums`: the
             window of position ``i`` (its real keys) sums to ``prefix[window_last[i]] - prefix[window_first[i]]``.
+        identity: one tile holds the whole axis, its queries and its halo are the axis in order (no gather needed).
     """
 
     query_index: torch.Tensor
@@ -54,6 +55,7 @@ class AxisTiling(NamedTuple):
     inverse: torch.Tensor
     window_first: torch.Tensor
     window_last: torch.Tensor
+    identity: bool
 
 
 def window_start(pos: torch.Tensor, group_len: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -131,6 +133,7 @@ def axis_tiling(length: int, kernel: int, dilation: int, tile: int, device: torc
         inverse=inverse,
         window_first=start * dilation + pos_group,
         window_last=(last + 1) * dilation + pos_group,
+        identity=dilation == 1 and tiles_per_group == 1 and tile == length and offset == 0 and span == length,
     )
 
 
