@@ -136,9 +136,9 @@ def na2d_reference_op(
     rpb: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """The reference: as the custom op while ``torch.compile`` traces (one graph for every size) or autograd records
-    (the hand-written backward); as plain tensor ops for inference and while ``torch.export`` traces (an exported
-    program must not need attnzoo's op to run)."""
+    """The reference: as the custom op while ``torch.compile`` traces (one graph for every size: the tiling is
+    computed from the concrete size inside the op; the hand-written backward), as plain tensor ops otherwise (eager,
+    autograd, and ``torch.export``: an exported program must not need attnzoo's op to run)."""
     if torch.compiler.is_compiling() and not is_exporting():
         return na2d_reference_forward_op(q, k, v, rpb, *kernel_size, *dilation, scale)[0]
     return na2d_reference(q, k, v, kernel_size, dilation, rpb, scale)

@@ -2,19 +2,23 @@
 ONNX, TorchScript) and the oracle of the Triton kernels.
 
 Queries are cut into tiles of ``tile_h x tile_w`` queries of one dilation group (:mod:`.windows`, the tile from
-:func:`attnzoo.kernels.tiling.na2d_tile`); every tile attends densely to the one halo of ``span_h x span_w`` keys that
-holds all its windows (``tile + k - 1`` per axis away from the borders): a batched ``q k^T`` product per tile, an
-additive bias that holds the RPB inside every query's window and ``-inf`` outside it, a softmax over the halo and a
-batched ``p v`` product. The RPB cell of a (query slot, key slot) pair is the same in every tile and the 2-D window
-mask is the product of two axis masks, so the bias is added as two broadcast terms (RPB + row mask, column mask)
-without a per-tile bias tensor. Memory is ``O(B * heads * H * W * span_h * span_w)`` for the logits (about
-``span / tile`` times the ``k0 * k1`` exact neighborhoods, 2.9x for ``k = 7`` and 4 x 8 tiles) plus as many copies of
-K and V, never ``(H * W)^2``.
+:func:`attnzoo.kernels.tiling.na2d_tile`; dilation makes strided sub-grids, each tiled on its own); every tile attends
+densely to the one halo of ``span_h x span_w`` keys that holds all its windows (``tile + k - 1`` per axis away from the
+borders; border windows shift as NATTEN's): a batched ``q k^T`` product per tile, an additive bias that holds the RPB
+inside every query's window and ``-inf`` outside it, a softmax over the halo and a batched ``p v`` product. The RPB
+cell of a (query slot, key slot) pair is the same in every tile and the 2-D window mask is the product of two axis
+masks, so the bias is two broadcast terms (RPB + row mask, column mask) built from small tables. Inference runs the
+tiles through the fused ``F.scaled_dot_product_attention`` (no logits materialised); when autograd records, through
+explicit ``bmm`` / softmax / ``bmm`` products that autograd differentiates (``q, k, v`` and the RPB table). Memory is
+``O(B * heads * H * W * span_h * span_w)`` for the bias and the logits of a training step (``span_h * span_w / (k0 *
+k1)`` times the exact neighborhoods, 2.9x for ``k = 7`` and 4 x 8 tiles) plus ``span_h * span_w / (tile_h * tile_w)``
+copies of K and V (4.4x), never ``(H * W)^2``; a dilation group of at most ``2k`` queries per axis is a single tile.
 
-Gradients: :func:`na2d_reference` is differentiable by autograd (the traced path); :func:`na2d_reference_forward` /
-:func:`na2d_reference_backward` are the forward (output and log-sum-exp) and the hand-written backward of the custom
-op (:mod:`.ops`) that eager training and ``torch.compile`` use: it recomputes the tile probabilities from the
-log-sum-exp, ``dS = P * (dP - rowsum(dO * O))``, and scatters the halo gradients of K and V back with ``index_add``.
+Gradients: :func:`na2d_reference` is differentiable by autograd (eager training and the traced path);
+:func:`na2d_reference_forward` / :func:`na2d_reference_backward` are the forward (output and log-sum-exp) and the
+hand-written backward of the custom op (:mod:`.ops`) that ``torch.compile`` traces instead: the backward recomputes
+the tile probabilities from the log-sum-exp, ``dS = P * (dP - rowsum(dO * O))``, and scatters the halo gradients of K
+and V back with ``index_add``.
 
 Non-finite inputs stay local: a key or value tile is shared by every query of its tile, so non-finite entries are
 zeroed before the products and the outputs they truly reach (the queries whose windows hold them, found with window
