@@ -126,6 +126,59 @@ def _attention_mask(
     return (row_term + col_term).flatten(1)
 
 
+_BAND_FLOATS = 1 << 18
+"""Inference gathers the K / V halos of this many floats at most at a time (whole rows of tiles, at least one): the
+temporaries of a band stay in the CPU's caches and its allocator reuses them."""
+
+
+def _fused(
+    q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, batch: int, queries: int, keys: int, scale: float
+) -> torch.Tensor:
+    """Fused attention of query tiles ``(B * heads, tiles * queries, D)`` against their halos ``(B * heads, tiles *
+    keys, 2D)`` (keys, then values) with the bias ``mask`` ``(heads or 1, tiles * queries * keys)``; ``batch``: ``B``
+    with an RPB (heads join the tiles), else ``B * heads``. Returns ``(B * heads, tiles * queries, D)``."""
+    D = q.shape[-1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.view(batch, -1, queries, D),
+        kv[:, :, :D].view(batch, -1, keys, D),
+        kv[:, :, D:].view(batch, -1, keys, D),
+        attn_mask=mask.view(1, -1, queries, keys),
+        scale=scale,
+    )
+    return out.view(q.shape)
+
+
+def _fused_in_bands(
+    q_hf: torch.Tensor,
+    kv_hf: torch.Tensor,
+    geo: TileGeometry,
+    rpb: torch.Tensor | None,
+    B: int,
+    heads: int,
+    kernel_size: tuple[int, int],
+    scale: float,
+) -> torch.Tensor:
+    """Inference over bands of whole tile rows (at most :data:`_BAND_FLOATS` of halos each): gather, bias, fused
+    attention. Returns the query tiles' outputs ``(B * heads, tiles * queries, D)``."""
+    num_r, tile_r, span_r = geo.rows.valid.shape
+    num_c, tile_c, span_c = geo.cols.valid.shape
+    queries, keys = tile_r * tile_c, span_r * span_c
+    row_term, col_term = _bias_terms(geo, rpb, heads, kernel_size, q_hf.dtype)
+    per_row = B * heads * num_c * keys * kv_hf.shape[-1]
+    band = max(1, _BAND_FLOATS // max(1, per_row))
+    outs: list[torch.Tensor] = []
+    for first in range(0, num_r, band):
+        last = min(num_r, first + band)
+        q_tiles = _tiles(q_hf, geo.query_index[first * num_c * queries : last * num_c * queries], queries)
+        kv_tiles = _tiles(kv_hf, geo.key_index[first * num_c * keys : last * num_c * keys], keys)
+        mask = (row_term[:, first:last] + col_term).flatten(1)
+        batch = B if rpb is not None else B * heads
+        q_band = q_tiles.view(B * heads, -1, q_hf.shape[-1])
+        kv_band = kv_tiles.view(B * heads, -1, kv_hf.shape[-1])
+        outs.append(_fused(q_band, kv_band, mask, batch, queries, keys, scale))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+
 def _logits(
     q_tiles: torch.Tensor,
     k_tiles: torch.Tensor,
@@ -206,32 +259,26 @@ def _forward(
     if nonfinite:
         q_hf, kv_hf = _finite_or_zero(q_hf), _finite_or_zero(kv_hf)
     identity = geo.rows.identity and geo.cols.identity  # one tile, the map itself: nothing to gather
-    q_tiles = q_hf if identity else _tiles(q_hf, geo.query_index, queries)
-    kv_tiles = kv_hf if identity else _tiles(kv_hf, geo.key_index, keys)
-    k_tiles, v_tiles = kv_tiles[:, :, :D], kv_tiles[:, :, D:]
     lse: torch.Tensor | None = None
     records_grad = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or (rpb is not None and rpb.requires_grad)
     )
     if with_lse or records_grad:
-        logits = _logits(q_tiles * scale, k_tiles, geo, rpb, B, heads, kernel_size)
+        q_tiles = q_hf if identity else _tiles(q_hf, geo.query_index, queries)
+        kv_tiles = kv_hf if identity else _tiles(kv_hf, geo.key_index, keys)
+        logits = _logits(q_tiles * scale, kv_tiles[:, :, :D], geo, rpb, B, heads, kernel_size)
         if with_lse:
             lse_tiles = torch.logsumexp(logits, -1, keepdim=True)
             probs = logits.sub_(lse_tiles).exp_()
             lse = lse_tiles.view(B, heads, H, W) if identity else _untile_stats(lse_tiles, geo.inverse, B, heads, H, W)
         else:
             probs = torch.softmax(logits, -1)
-        out = torch.bmm(probs.to(v.dtype), v_tiles)
-    else:  # fused: no logits materialised
-        mask = _attention_mask(geo, rpb, heads, kernel_size, q.dtype)  # (heads or 1, Tr, Tc, tr, tc, sr, sc)
-        batch = B if rpb is not None else B * heads  # heads join the mask's tiles, or the batch
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q_tiles.view(batch, -1, queries, D),
-            k_tiles.view(batch, -1, keys, D),
-            v_tiles.view(batch, -1, keys, D),
-            attn_mask=mask.view(1, -1, queries, keys),
-            scale=scale,
-        )
+        out = torch.bmm(probs.to(v.dtype), kv_tiles[:, :, D:])
+    elif identity:
+        mask = _attention_mask(geo, rpb, heads, kernel_size, q.dtype)
+        out = _fused(q_hf, kv_hf, mask, B if rpb is not None else B * heads, queries, keys, scale)
+    else:
+        out = _fused_in_bands(q_hf, kv_hf, geo, rpb, B, heads, kernel_size, scale)
     if identity:
         out = out.reshape(B, heads, H, W, D).permute(0, 2, 3, 1, 4).contiguous()
     else:
