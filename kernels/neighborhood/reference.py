@@ -126,9 +126,10 @@ def _attention_mask(
     return (row_term + col_term).flatten(1)
 
 
-_BAND_FLOATS = 1 << 18
-"""Inference gathers the K / V halos of this many floats at most at a time (whole rows of tiles, at least one): the
-temporaries of a band stay in the CPU's caches and its allocator reuses them."""
+def _band_floats() -> int:
+    """Inference gathers the K / V halos of this many floats at most at a time (whole rows of tiles, at least one):
+    the temporaries of a band stay in the CPU's caches and its allocator reuses them."""
+    return 1 << 18
 
 
 def _fused(
@@ -158,14 +159,14 @@ def _fused_in_bands(
     kernel_size: tuple[int, int],
     scale: float,
 ) -> torch.Tensor:
-    """Inference over bands of whole tile rows (at most :data:`_BAND_FLOATS` of halos each): gather, bias, fused
+    """Inference over bands of whole tile rows (at most :func:`_band_floats` of halos each): gather, bias, fused
     attention. Returns the query tiles' outputs ``(B * heads, tiles * queries, D)``."""
     num_r, tile_r, span_r = geo.rows.valid.shape
     num_c, tile_c, span_c = geo.cols.valid.shape
     queries, keys = tile_r * tile_c, span_r * span_c
     row_term, col_term = _bias_terms(geo, rpb, heads, kernel_size, q_hf.dtype)
     per_row = B * heads * num_c * keys * kv_hf.shape[-1]
-    band = max(1, _BAND_FLOATS // max(1, per_row))
+    band = max(1, _band_floats() // max(1, per_row))
     outs: list[torch.Tensor] = []
     for first in range(0, num_r, band):
         last = min(num_r, first + band)
