@@ -196,9 +196,8 @@ def _logits(
     logits = torch.bmm(q_tiles, k_tiles.transpose(1, 2))
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     row_term, col_term = _bias_terms(geo, rpb, heads, kernel_size, logits.dtype)
-    grid = logits.view(batch, heads, num_r, num_c, tile_r, tile_c, span_r, span_c)
-    grid.add_(row_term).add_(col_term)
-    return logits
+    grid = logits.view(batch, heads, num_r, num_c, tile_r, tile_c, span_r, span_c) + row_term  # a new tensor:
+    return grid.add_(col_term).view(logits.shape)  # autograd sees no in-place op on a view
 
 
 def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
@@ -253,33 +252,39 @@ def _forward(
         geo = _geometry(H, W, kernel_size, dilation, tile_hw, q.device)
     queries = geo.rows.valid.shape[1] * geo.cols.valid.shape[1]
     keys = geo.rows.valid.shape[2] * geo.cols.valid.shape[2]
-    # heads-first copies (K and V side by side: one gather serves both); contiguous, so the checks are fast
-    q_hf = _heads_first(q)
-    kv_hf = torch.cat((k.permute(0, 3, 1, 2, 4), v.permute(0, 3, 1, 2, 4)), -1).reshape(B * heads, H * W, 2 * D)
-    nonfinite = may_hold_nonfinite([q_hf, kv_hf])
-    if nonfinite:
-        q_hf, kv_hf = _finite_or_zero(q_hf), _finite_or_zero(kv_hf)
     identity = geo.rows.identity and geo.cols.identity  # one tile, the map itself: nothing to gather
     lse: torch.Tensor | None = None
     records_grad = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or (rpb is not None and rpb.requires_grad)
     )
+    # heads-first contiguous copies (the finiteness check reads them fast); K and V side by side for inference (one
+    # gather serves both), apart when autograd records (slicing them apart would cost full-size slice gradients)
+    q_hf = _heads_first(q)
     if with_lse or records_grad:
+        k_hf, v_hf = _heads_first(k), _heads_first(v)
+        nonfinite = may_hold_nonfinite([q_hf, k_hf, v_hf])
+        if nonfinite:
+            q_hf, k_hf, v_hf = _finite_or_zero(q_hf), _finite_or_zero(k_hf), _finite_or_zero(v_hf)
         q_tiles = q_hf if identity else _tiles(q_hf, geo.query_index, queries)
-        kv_tiles = kv_hf if identity else _tiles(kv_hf, geo.key_index, keys)
-        logits = _logits(q_tiles * scale, kv_tiles[:, :, :D], geo, rpb, B, heads, kernel_size)
+        k_tiles = k_hf if identity else _tiles(k_hf, geo.key_index, keys)
+        logits = _logits(q_tiles * scale, k_tiles, geo, rpb, B, heads, kernel_size)
         if with_lse:
             lse_tiles = torch.logsumexp(logits, -1, keepdim=True)
             probs = logits.sub_(lse_tiles).exp_()
             lse = lse_tiles.view(B, heads, H, W) if identity else _untile_stats(lse_tiles, geo.inverse, B, heads, H, W)
         else:
             probs = torch.softmax(logits, -1)
-        out = torch.bmm(probs.to(v.dtype), kv_tiles[:, :, D:])
-    elif identity:
-        mask = _attention_mask(geo, rpb, heads, kernel_size, q.dtype)
-        out = _fused(q_hf, kv_hf, mask, B if rpb is not None else B * heads, queries, keys, scale)
+        out = torch.bmm(probs.to(v.dtype), v_hf if identity else _tiles(v_hf, geo.key_index, keys))
     else:
-        out = _fused_in_bands(q_hf, kv_hf, geo, rpb, B, heads, kernel_size, scale)
+        kv_hf = torch.cat((k.permute(0, 3, 1, 2, 4), v.permute(0, 3, 1, 2, 4)), -1).reshape(B * heads, H * W, 2 * D)
+        nonfinite = may_hold_nonfinite([q_hf, kv_hf])
+        if nonfinite:
+            q_hf, kv_hf = _finite_or_zero(q_hf), _finite_or_zero(kv_hf)
+        if identity:
+            mask = _attention_mask(geo, rpb, heads, kernel_size, q.dtype)
+            out = _fused(q_hf, kv_hf, mask, B if rpb is not None else B * heads, queries, keys, scale)
+        else:
+            out = _fused_in_bands(q_hf, kv_hf, geo, rpb, B, heads, kernel_size, scale)
     if identity:
         out = out.reshape(B, heads, H, W, D).permute(0, 2, 3, 1, 4).contiguous()
     else:
