@@ -124,7 +124,15 @@ def _attend_regions(
     mask: torch.Tensor | None = None
     if key_valid is not None:
         mask = key_valid[index].reshape(1, BR, 1, topk * T)
-    out = F.scaled_dot_product_attention(q, k_routed, v_routed, attn_mask=mask, scale=scale)
+    records_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if records_grad:  # explicit products: autograd's bmm / softmax backward beat the fused CPU backward here
+        logits = torch.matmul(q * scale, k_routed.transpose(-1, -2))
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(logits.float(), -1).to(v.dtype) if q.dtype != torch.float64 else logits.softmax(-1)
+        out = torch.matmul(probs, v_routed)
+    else:
+        out = F.scaled_dot_product_attention(q, k_routed, v_routed, attn_mask=mask, scale=scale)
     if nonfinite:
         out = out.masked_fill(_nan_reach(q, k, v, flat, topk), float("nan"))
     return out
