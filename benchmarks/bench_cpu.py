@@ -200,7 +200,8 @@ def ops_section(rounds: int) -> list[str]:
     lines = [
         "## Ops: `na2d` and `bra2d` references (1 thread, fp32, batch 1)",
         "",
-        f"Ceiling: {ceiling.name}: **{peak:.1f} GMAC/s** wall-clock ({peak_cpu:.1f} from CPU time), median of {rounds}.",
+        f"Ceiling: {ceiling.name}: **{peak:.1f} GMAC/s** wall-clock ({peak_cpu:.1f} from CPU time), median of "
+        f"{rounds}.",
         "",
         "| op, shape | pass | ms | GMAC/s | % of matmul | CPU-time GMAC/s | % | target | met |",
         "|---|---|---|---|---|---|---|---|---|",
