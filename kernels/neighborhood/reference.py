@@ -165,7 +165,9 @@ def _fused_in_bands(
     num_c, tile_c, span_c = geo.cols.valid.shape
     queries, keys = tile_r * tile_c, span_r * span_c
     row_term, col_term = _bias_terms(geo, rpb, heads, kernel_size, q_hf.dtype)
-    per_row = B * heads * num_c * keys * kv_hf.shape[-1]
+    # bands of one image's size while traced: a band count that depends on a symbolic batch would guard on it
+    images = 1 if torch.compiler.is_compiling() else B
+    per_row = images * heads * num_c * keys * kv_hf.shape[-1]
     band = max(1, _band_floats() // max(1, per_row))
     outs: list[torch.Tensor] = []
     for first in range(0, num_r, band):
