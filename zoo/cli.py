@@ -77,9 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     commands.add_parser(
+        "segment",
+        help="ADE20K semantic segmentation, UperNet / Semantic FPN (LightningCLI): attnzoo segment "
+        "fit|validate|test|predict --config recipes/configs/ade20k/upernet_nat_tiny_160k.yaml; see attnzoo segment "
+        "--help",
+        add_help=False,
+    )
+    commands.add_parser(
         "demo",
         help="train a small gated ViT on 4,000 real MNIST digits (CPU, a few minutes) and report held-out top-1; "
-        "'attnzoo demo detection': a Mask R-CNN on scenes of those digits, held-out box and mask AP",
+        "'attnzoo demo detection': a Mask R-CNN on scenes of those digits, held-out box and mask AP; "
+        "'attnzoo demo segmentation': UperNet on those scenes, held-out mIoU",
         add_help=False,
     )
     profile = commands.add_parser(
@@ -143,11 +151,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         run_detection_command(None if from_command_line else argv[1:])
         return 0
+    if argv and argv[0] == "segment":
+        from attnzoo.recipes.segmentation.cli import main as run_segmentation_command
+
+        run_segmentation_command(None if from_command_line else argv[1:])
+        return 0
     if argv and argv[0] == "demo":
         if argv[1:2] == ["detection"]:
             from attnzoo.recipes.detection.demo import run_detection_demo
 
             run_detection_demo(argv[2:])
+            return 0
+        if argv[1:2] == ["segmentation"]:
+            from attnzoo.recipes.segmentation.demo import run_segmentation_demo
+
+            run_segmentation_demo(argv[2:])
             return 0
         from attnzoo.recipes.demo import run_training_demo
 

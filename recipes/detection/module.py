@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
+from ..param_groups import dense_param_groups
 from .build import ARCHS, build_detector
 from .evaluation import detections_to_coco, evaluate_coco
 from .schedule import WarmupMultiStep, resolve_schedule
@@ -135,27 +135,12 @@ class ObjectDetector(pl.LightningModule):
     # ------------------------------------------------------------------ optimization
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """AdamW groups: the backbone's (timm's weight-decay / layer-decay grouping, lr ``lr * backbone_lr_mult *
-        lr_scale``) and the rest (decay on >= 2-D weights only)."""
+        lr_scale``) and the rest (decay on >= 2-D weights only); see :func:`~attnzoo.recipes.param_groups.
+        dense_param_groups`."""
         hp = self.hparams
-        timm_model = self.model.backbone.body.model
-        skip = timm_model.no_weight_decay() if hasattr(timm_model, "no_weight_decay") else set()
-        if hp.layer_decay is not None:
-            backbone = param_groups_layer_decay(timm_model, hp.weight_decay, skip, layer_decay=hp.layer_decay)
-        else:
-            backbone = param_groups_weight_decay(timm_model, hp.weight_decay, skip)
-        for group in backbone:
-            group["lr"] = lr * hp.backbone_lr_mult * group.get("lr_scale", 1.0)
-        inner = {id(p) for p in timm_model.parameters()}
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if id(p) in inner or not p.requires_grad:
-                continue
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-        head = [
-            {"params": decay, "weight_decay": hp.weight_decay, "lr": lr},
-            {"params": no_decay, "weight_decay": 0.0, "lr": lr},
-        ]
-        return [g for g in backbone + head if g["params"]]
+        return dense_param_groups(
+            self.model, self.model.backbone.body.model, lr, hp.weight_decay, hp.backbone_lr_mult, hp.layer_decay
+        )
 
     def configure_optimizers(self) -> dict:
         hp = self.hparams
