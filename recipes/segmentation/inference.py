@@ -5,6 +5,8 @@ optional multi-scale + flip, probabilities at the original image size.
 - Sliding window (crop ``(h_c, w_c)``, stride ``(h_s, w_s)``): ``max(H - h_c + h_s - 1, 0) // h_s + 1`` rows of
   windows (likewise columns), the last ones flush with the bottom/right border, each window's logits added in
   place and divided by the number of windows covering each pixel.
+- ``size_divisor``: the resized image is resized once more, up to the next multiple (UniFormer's ``AlignResize``,
+  used by BiFormer's Semantic FPN).
 - Multi-scale: for every ratio ``r``, the test scale times ``r`` (the original size times ``r`` without a test
   scale); with ``flip``, each scale also mirrored. The softmax probabilities (at the original size, flipped back)
   are averaged.
@@ -70,6 +72,7 @@ def segment_image(
     stride: Sequence[int] = (341, 341),
     ratios: Sequence[float] = (1.0,),
     flip: bool = False,
+    size_divisor: int | None = None,
 ) -> torch.Tensor:
     """Class probabilities ``(num_classes, H, W)`` of one image ``(3, H, W)`` in [0, 1]. ``model`` maps images
     ``(1, 3, h, w)`` to logits ``(1, num_classes, h, w)`` (a :class:`~.build.Segmenter`)."""
@@ -86,6 +89,8 @@ def segment_image(
             size = rescale_size(height, width, [int(s * ratio) for s in test_scale])
         else:
             size = (int(height * ratio + 0.5), int(width * ratio + 0.5))
+        if size_divisor:
+            size = tuple(-(-s // size_divisor) * size_divisor for s in size)
         scaled = resize(image[None], size)
         for flipped in (False, True) if flip else (False,):
             x = scaled.flip(-1) if flipped else scaled

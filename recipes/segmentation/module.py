@@ -85,7 +85,8 @@ class SemanticSegmenter(pl.LightningModule):
             ``lr_schedule``: ``"poly"`` or ``"cosine"``; ``power``: poly exponent; ``min_lr_ratio``: final lr /
             lr; ``warmup_iters``, ``warmup_ratio``: linear warm-up from ``warmup_ratio * lr``.
         test_mode: ``"whole"`` or ``"slide"``; ``test_scale``: keep-ratio resize target of evaluation images
-            (``None``: their own size); ``slide_crop_size``, ``slide_stride``: sliding windows; ``test_ratios``,
+            (``None``: their own size); ``test_size_divisor``: then resized up to a multiple of it (BiFormer's
+            Semantic FPN: 32); ``slide_crop_size``, ``slide_stride``: sliding windows; ``test_ratios``,
             ``test_flip``: multi-scale / flip test (``None``: single scale).
         results_dir: folder of the per-class metric JSON files (default ``<trainer.default_root_dir>/metrics``).
         seed: seed of the per-step randomness (dropout, drop path): step ``s`` on rank ``r`` always draws the same
@@ -122,6 +123,7 @@ class SemanticSegmenter(pl.LightningModule):
         warmup_ratio: float = 1e-6,
         test_mode: str = "whole",
         test_scale: tuple[int, int] | None = (2048, 512),
+        test_size_divisor: int | None = None,
         slide_crop_size: tuple[int, int] = (512, 512),
         slide_stride: tuple[int, int] = (341, 341),
         test_ratios: list[float] | None = None,
@@ -234,6 +236,7 @@ class SemanticSegmenter(pl.LightningModule):
         return segment_image(
             self.model, image, hp.num_classes, mode=hp.test_mode, test_scale=hp.test_scale,
             crop_size=hp.slide_crop_size, stride=hp.slide_stride, ratios=hp.test_ratios or (1.0,), flip=hp.test_flip,
+            size_divisor=hp.test_size_divisor,
         )  # fmt: skip
 
     def _eval_batch(self, batch: Any) -> None:
