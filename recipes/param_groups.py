@@ -28,10 +28,13 @@ def dense_param_groups(
     one of ``no_decay_keys`` (mmcv's ``paramwise_cfg`` ``custom_keys`` with ``decay_mult=0``)."""
     skip = set(backbone.no_weight_decay()) if hasattr(backbone, "no_weight_decay") else set()
     skip |= {n for n, _ in backbone.named_parameters() if any(k in n for k in no_decay_keys)}
+    # keywords: timm 1.0.31 put ``weight_decay_exclude_1d`` third in ``param_groups_weight_decay``
     if layer_decay is not None:
-        groups = param_groups_layer_decay(backbone, weight_decay, list(skip), layer_decay=layer_decay)
+        groups = param_groups_layer_decay(
+            backbone, weight_decay=weight_decay, no_weight_decay_list=sorted(skip), layer_decay=layer_decay
+        )
     else:
-        groups = param_groups_weight_decay(backbone, weight_decay, list(skip))
+        groups = param_groups_weight_decay(backbone, weight_decay=weight_decay, no_weight_decay_list=sorted(skip))
     for group in groups:
         group["lr"] = lr * backbone_lr_mult * group.get("lr_scale", 1.0)
     inner = {id(p) for p in backbone.parameters()}

@@ -42,7 +42,9 @@ def test_training_transform_crops_pads_and_keeps_masks_aligned():
     mask[:, 45:] = 1  # left half class 0, right half class 1
     image = torch.zeros(3, 60, 90, dtype=torch.uint8)
     image[:, :, 45:] = 255
-    transform = SegmentationTrainTransform(crop_size=(64, 64), scale=(90, 60), ratio_range=(0.5, 0.9), photometric=False)
+    transform = SegmentationTrainTransform(
+        crop_size=(64, 64), scale=(90, 60), ratio_range=(0.5, 0.9), photometric=False
+    )
     for _ in range(5):
         out, target = transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
         assert out.shape == (3, 64, 64) and target.shape == (64, 64) and out.dtype == torch.float32
@@ -68,7 +70,9 @@ def test_training_transform_crops_pads_and_keeps_masks_aligned():
     # the HSV saturation scaling keeps hue and value and caps saturation at 1
     rgb = torch.tensor([0.8, 0.4, 0.2]).view(3, 1, 1)
     assert PhotoMetricDistortion.scale_saturation(rgb, 0.5).flatten().tolist() == pytest.approx([0.8, 0.6, 0.5])
-    assert PhotoMetricDistortion.scale_saturation(rgb, 3.0).flatten().tolist() == pytest.approx([0.8, 0.26667, 0.0], abs=1e-4)
+    assert PhotoMetricDistortion.scale_saturation(rgb, 3.0).flatten().tolist() == pytest.approx(
+        [0.8, 0.26667, 0.0], abs=1e-4
+    )
 
 
 def test_bad_data_errors_name_the_file(tmp_path):
