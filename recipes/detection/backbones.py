@@ -289,7 +289,8 @@ def build_backbone(
         plain = is_plain_vit(name, **model_kwargs)
         indices: int | tuple[int, ...] = 1 if plain else tuple(out_indices)
         body = timm.create_model(
-            name, pretrained=pretrained is True, features_only=True, out_indices=indices, **model_kwargs
+            name, pretrained=pretrained is True, features_only=True, feature_cls="getter", out_indices=indices,
+            **model_kwargs,
         )
     except TypeError as err:
         raise TypeError(f"backbone kwargs {sorted(model_kwargs)} rejected by {name}: {err}") from err
