@@ -26,7 +26,17 @@ import torch.nn as nn
 from timm.models import get_arch_name, model_entrypoint
 from timm.models._features import FeatureGetterNet
 
-__all__ = ["DOWNSTREAM_FAMILIES", "OUT_NORMS", "add_new_output_norms", "convert_backbone_state", "family_module"]
+__all__ = [
+    "DOWNSTREAM_FAMILIES",
+    "OUT_NORMS",
+    "add_new_output_norms",
+    "convert_backbone_state",
+    "family_module",
+    "filter_without_new_norms",
+    "new_output_norm_keys",
+    "warn_new_keys",
+    "zoo_filter",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -40,25 +50,57 @@ _CLASSIFICATION_ONLY = ("head.", "norm.")
 """A full (not ``features_only``) model's classifier and final norm: not part of any downstream checkpoint."""
 
 
+def new_output_norm_keys(state: Mapping[str, torch.Tensor], model: nn.Module) -> list[str]:
+    """The output-norm keys of ``model`` that start untrained when ``state`` (in ``model``'s keys) is loaded: all of
+    them when ``state`` has no output norm (a classification checkpoint), none otherwise."""
+    if any(k.startswith(OUT_NORMS) for k in state):
+        return []
+    return sorted(k for k in model.state_dict() if k.startswith(OUT_NORMS))
+
+
+def warn_new_keys(keys: list[str], source: str = "the checkpoint") -> None:
+    """Log (warning) the tensors that are not in ``source`` and start untrained."""
+    if keys:
+        _logger.warning(
+            "%d tensors are not in %s and start untrained (the downstream backbone's new output norms): %s",
+            len(keys),
+            source,
+            ", ".join(keys),
+        )
+
+
 def add_new_output_norms(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """``state`` (already in ``model``'s keys) plus ``model``'s own output-norm tensors when ``state`` has none (a
     classification checkpoint: the output norms start untrained, as in the official downstream code); a warning
     names them. A ``state`` with some output norms is returned unchanged (its gaps stay errors of a strict load)."""
-    target = model.state_dict()
-    new = sorted(k for k in target if k.startswith(OUT_NORMS))
-    if not new or any(k.startswith(OUT_NORMS) for k in state):
+    new = new_output_norm_keys(state, model)
+    if not new:
         return state
-    _logger.warning(
-        "%d tensors are not in the checkpoint and start untrained (the downstream backbone's new output norms): %s",
-        len(new),
-        ", ".join(new),
-    )
+    warn_new_keys(new)
+    target = model.state_dict()
     return {**state, **{k: target[k] for k in new}}
 
 
 def family_module(model_name: str) -> ModuleType:
     """The module that registers timm model ``model_name`` (a pretrained tag such as ``.in1k`` is allowed)."""
     return importlib.import_module(model_entrypoint(get_arch_name(model_name)).__module__)
+
+
+def zoo_filter(model_name: str) -> Callable[..., dict[str, torch.Tensor]] | None:
+    """The ``checkpoint_filter_fn`` of ``model_name``'s attnzoo family (official layouts -> attnzoo keys), or None
+    for a model outside attnzoo."""
+    module = family_module(model_name)
+    return getattr(module, "checkpoint_filter_fn", None) if module.__name__.startswith("attnzoo.") else None
+
+
+def filter_without_new_norms(
+    filter_fn: Callable[..., dict[str, torch.Tensor]] | None, state: dict[str, torch.Tensor], model: nn.Module
+) -> dict[str, torch.Tensor]:
+    """``state`` through ``filter_fn`` (None: unchanged) without the untrained output norms the zoo filters add."""
+    if filter_fn is None:
+        return state
+    no_fill = {"new_output_norms": False} if "new_output_norms" in inspect.signature(filter_fn).parameters else {}
+    return filter_fn(state, model, **no_fill)
 
 
 def _named(keys: list[str], source_of: Mapping[int, str], converted: Mapping[str, torch.Tensor]) -> list[str]:
@@ -105,11 +147,9 @@ def convert_backbone_state(
         raise ValueError("state has keys starting with 'backbone.': pass the backbone tensors with the prefix removed")
     features = isinstance(model, FeatureGetterNet)
     inner = model.model if features else model
-    filter_fn: Callable[..., dict[str, torch.Tensor]] = module.checkpoint_filter_fn
     source_of = {id(v): k for k, v in state.items()}
-    # the filter must not add untrained output norms: a downstream checkpoint lacking them is an error here
-    no_fill = {"new_output_norms": False} if "new_output_norms" in inspect.signature(filter_fn).parameters else {}
-    converted = filter_fn(dict(state), inner, **no_fill)
+    # no untrained output norms are added: a downstream checkpoint lacking them is an error here
+    converted = filter_without_new_norms(module.checkpoint_filter_fn, dict(state), inner)
     target = inner.state_dict()
     leftover = sorted(k for k in converted if k not in target)
     missing = sorted(k for k in target if k not in converted and not k.startswith(_CLASSIFICATION_ONLY))
