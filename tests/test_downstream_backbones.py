@@ -94,7 +94,7 @@ def test_nat_zero_pad_is_the_official_small_map_padding():
         clamped.load_state_dict(layer.state_dict())
         assert not torch.allclose(clamped(x), layer(x), atol=1e-3)
     # the per-task dilations of DiNAT-Mini on COCO; the RPB stays (heads, 13, 13) whatever the dilation
-    model = timm.create_model("dinat_mini", dilations=DINAT_MINI_COCO, small_maps="zero_pad", device="meta")
+    model = timm.create_model("dinat_mini", device="meta", **DOWNSTREAM["dinat_mini"])
     for stage, dilations in zip(model.stages, DINAT_MINI_COCO):
         assert [block.attn.dilation for block in stage.blocks] == [(d, d) for d in dilations]
         assert all(
@@ -136,12 +136,12 @@ def test_biformer_auto_pad_is_the_official_padding():
     x = torch.randn(2, 5, 7, 8)  # padded to 6 x 8: regions of 3 x 4 holding padded tokens
     with torch.no_grad():
         torch.testing.assert_close(layer(x), _bra_auto_pad_reference(layer, x))
-    model = timm.create_model("biformer_small", n_win=16, auto_pad=True, device="meta")
+    model = timm.create_model("biformer_small", device="meta", **DOWNSTREAM["biformer_small"])
     routing = [m for m in model.modules() if isinstance(m, BiLevelRoutingAttention)]
     assert routing and all(m.n_win == 16 and m.padding == "zero" for m in routing)
     for bad in (dict(auto_pad=False), dict(auto_pad=True, padding="mask")):
         with pytest.raises(ValueError, match="auto_pad"):
-            timm.create_model("biformer_small", device="meta", **bad)
+            timm.create_model("biformer_small", device="meta", **BIFORMER_TINY, **bad)
 
 
 def _relative_position_bias(table, window):
@@ -247,15 +247,12 @@ def test_downstream_agents_and_bias_resizing():
         x = torch.randn(2, 8, 8, 8)
         torch.testing.assert_close(classification(x), _downstream_agent_reference(classification, x, (3, 3)))
     # the official agent counts of the downstream configs
-    for name, shapes, counts in [
-        ("agent_swin_tiny", SWIN_SHAPES, [81, 144, 196]),
-        ("agent_pvt_tiny", PVT_SHAPES, [144, 256, 784, 784]),
-    ]:
-        model = timm.create_model(name, downstream_agent_shapes=shapes, device="meta")
+    for name, counts in [("agent_swin_tiny", [81, 144, 196]), ("agent_pvt_tiny", [144, 256, 784, 784])]:
+        model = timm.create_model(name, device="meta", **DOWNSTREAM[name])
         first = [stage.blocks[0].attn for stage in model.stages]
         assert [m.agent_shape[0] * m.agent_shape[1] for m in first if isinstance(m, AgentAttention)] == counts
     with pytest.raises(ValueError, match="downstream_agent_shapes"):
-        timm.create_model("agent_pvt_tiny", downstream_agent_shapes=[(12, 12)], device="meta")
+        timm.create_model("agent_pvt_tiny", downstream_agent_shapes=[(12, 12)], device="meta", **PVT_TINY)
 
 
 @pytest.mark.parametrize("name", list(DOWNSTREAM))
