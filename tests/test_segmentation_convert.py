@@ -106,7 +106,10 @@ def test_bad_mmseg_checkpoints_name_the_keys(tmp_path):
         ValueError, match=r"1 module tensors are not in the checkpoint: model\.auxiliary_head\.conv_seg\.bias"
     ):
         map_state_dict(module, lacking)
-    with pytest.raises(ValueError, match=r"shapes differ \(num_classes\? channels\?\): model\.decode_head\.conv_seg"):
+    with pytest.raises(
+        ValueError,
+        match=r"4 shapes differ \(num_classes\? channels\?\): model\.auxiliary_head\.conv_seg\.bias \(4,\) vs \(3,\)",
+    ):
         map_state_dict(_module("upernet", num_classes=3), state)
     with pytest.raises(ValueError, match="checkpoint does not fit the nat_mini downstream backbone"):
         map_state_dict(module, {k: v for k, v in state.items() if k != "backbone.norm3.bias"})

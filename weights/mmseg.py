@@ -42,23 +42,26 @@ def map_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor]) -> dict
     segmenter = module.model
     own = module.state_dict()
     mapped: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}  # module key -> checkpoint key
     unknown: list[str] = []
     backbone = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
     for key, value in state.items():
         if key.startswith("backbone."):
             continue
         if key.startswith(_HEADS):
-            mapped["model." + key] = value
+            target = "model." + key
         elif match := _NECK.match(key):
             kind, index, param = match.groups()
-            mapped[f"model.backbone.fpn.{_NECK_TARGET[kind]}.{index}.0.{param}"] = value
+            target = f"model.backbone.fpn.{_NECK_TARGET[kind]}.{index}.0.{param}"
         else:
             unknown.append(key)
+            continue
+        mapped[target], source[target] = value, key
     if backbone:
         name = module.hparams.backbone
         converted = convert_backbone_state(name, backbone, segmenter.backbone.body)
         mapped.update({"model.backbone.body." + k: v for k, v in converted.items()})
-    leftover = sorted(unknown + [k.removeprefix("model.") for k in mapped if k not in own])
+    leftover = sorted(unknown + [source.get(k, k) for k in mapped if k not in own])
     missing = sorted(k for k in own if k not in mapped)
     mismatched = sorted(
         f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
