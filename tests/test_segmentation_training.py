@@ -77,6 +77,13 @@ def test_loss_falls_and_the_metrics_are_written(scenes, tmp_path):
     assert groups[id(inner.stages[0].blocks[0].attn.qkv.weight)]["weight_decay"] == 0.01
     assert groups[id(model.model.decode_head.bottleneck.bn.weight)]["weight_decay"] == 0.0
     assert groups[id(model.model.decode_head.bottleneck.conv.weight)]["weight_decay"] == 0.01
+    # mmseg's averaging: over all pixels, ignored ones included, or over the labelled ones (avg_non_ignore)
+    logits, masks = torch.randn(1, 11, 4, 4), torch.randint(0, 11, (1, 4, 4))
+    masks[0, 0] = 255
+    per_pixel = torch.nn.functional.cross_entropy(logits, masks, ignore_index=255, reduction="none")
+    assert float(model._ce(logits, masks)) == pytest.approx(float(per_pixel.sum()) / 16)
+    model.hparams.avg_non_ignore = True
+    assert float(model._ce(logits, masks)) == pytest.approx(float(per_pixel.sum()) / 12)
     result = trainer.test(model, datamodule=make_data(scenes), verbose=False)[0]
     table = json.loads((tmp_path / "metrics" / "test_per_class.json").read_text())
     assert table["mIoU"] == pytest.approx(result["test/mIoU"]) and len(table["per_class"]) == 11

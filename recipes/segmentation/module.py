@@ -77,7 +77,8 @@ class SemanticSegmenter(pl.LightningModule):
             checkpoint), loaded strictly after building.
         aux_weight: weight of the auxiliary head's loss (0.4).
         ignore_index: label left out of the loss and the metrics; ``avg_non_ignore``: average the loss over the
-            labelled pixels only (mmseg's default, ``False``, averages over all pixels).
+            labelled pixels only (mmseg's default, ``False``, averages over all pixels); ``class_weight``: per-class
+            loss weights (mmseg's ``CrossEntropyLoss(class_weight=...)``; the average still counts pixels).
         lr, weight_decay, betas: AdamW; ``backbone_lr_mult``, ``layer_decay``: backbone lr multiplier and layer-wise
             decay (``None``: off); ``no_decay_keys``: names (substrings) without weight decay, besides norms, biases
             and the backbone's ``no_weight_decay()``.
@@ -109,6 +110,7 @@ class SemanticSegmenter(pl.LightningModule):
         aux_weight: float = 0.4,
         ignore_index: int = 255,
         avg_non_ignore: bool = False,
+        class_weight: list[float] | None = None,
         lr: float = 6e-5,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -145,6 +147,8 @@ class SemanticSegmenter(pl.LightningModule):
             raise ValueError(f"model.layer_decay must be in (0, 1], got {layer_decay}")
         if 0 <= ignore_index < num_classes:
             raise ValueError(f"model.ignore_index {ignore_index} is a class index (num_classes {num_classes})")
+        if class_weight is not None and (len(class_weight) != num_classes or min(class_weight) < 0):
+            raise ValueError(f"model.class_weight needs {num_classes} weights >= 0, got {class_weight}")
         self.schedule = IterationSchedule(max_iters, lr_schedule, power, min_lr_ratio, warmup_iters, warmup_ratio)
         self.model = build_segmenter(
             decoder,
@@ -160,6 +164,8 @@ class SemanticSegmenter(pl.LightningModule):
         )
         if weights:
             load_segmenter_weights(self, weights)
+        weight = torch.tensor(class_weight, dtype=torch.float32) if class_weight is not None else None
+        self.register_buffer("class_weight", weight, persistent=False)
         self.class_names = [str(c) for c in range(num_classes)]
         self.last_metrics: dict[str, Any] | None = None  # the latest evaluation's metrics and per-class table
         self._confusion: torch.Tensor | None = None
@@ -208,10 +214,15 @@ class SemanticSegmenter(pl.LightningModule):
         return self.model(images)
 
     def _ce(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        logits = resize(logits, masks.shape[-2:])
+        """mmseg's cross-entropy: logits resized to the labels, per-pixel losses (times ``class_weight``) summed
+        and divided by the number of pixels (``avg_non_ignore``: of labelled pixels)."""
+        ignore = self.hparams.ignore_index
+        losses = F.cross_entropy(
+            resize(logits, masks.shape[-2:]), masks, weight=self.class_weight, ignore_index=ignore, reduction="none"
+        )
         if self.hparams.avg_non_ignore:
-            return F.cross_entropy(logits, masks, ignore_index=self.hparams.ignore_index)
-        return F.cross_entropy(logits, masks, ignore_index=self.hparams.ignore_index, reduction="none").mean()
+            return losses.sum() / (masks != ignore).sum().clamp(min=1)
+        return losses.mean()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, masks = batch[0], batch[1]
