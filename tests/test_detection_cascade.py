@@ -29,7 +29,10 @@ def batch():
     generator = torch.Generator().manual_seed(0)
     images = [torch.rand(3, 97, 131, generator=generator), torch.rand(3, 131, 97, generator=generator)]
     targets = []
-    for image, boxes, labels in [(images[0], [[10, 20, 60, 70], [50, 30, 120, 90]], [1, 2]), (images[1], [[20, 30, 80, 110]], [3])]:
+    for image, boxes, labels in [
+        (images[0], [[10, 20, 60, 70], [50, 30, 120, 90]], [1, 2]),
+        (images[1], [[20, 30, 80, 110]], [3]),
+    ]:
         boxes = torch.tensor(boxes, dtype=torch.float32)
         masks = torch.zeros(len(boxes), *image.shape[1:], dtype=torch.uint8)
         for mask, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist()):

@@ -23,7 +23,11 @@ SMALL = {
 
 def _conv_module(key: str) -> str:
     """torchvision ``Conv2dNormActivation`` ``<name>.0.*`` / ``<name>.1.*`` -> mmcv ``<name>.conv.*`` / ``.bn.*``."""
-    return re.sub(r"\.0\.(weight|bias)$", r".conv.\1", re.sub(r"\.1\.(weight|bias|running_\w+|num_batches_tracked)$", r".bn.\1", key))
+    return re.sub(
+        r"\.0\.(weight|bias)$",
+        r".conv.\1",
+        re.sub(r"\.1\.(weight|bias|running_\w+|num_batches_tracked)$", r".bn.\1", key),
+    )
 
 
 def to_mmdet(detector: ObjectDetector) -> dict[str, torch.Tensor]:
@@ -32,7 +36,7 @@ def to_mmdet(detector: ObjectDetector) -> dict[str, torch.Tensor]:
     inner = len(model.backbone.fpn.inner_blocks)
     for key, value in model.state_dict().items():
         if key.startswith("backbone.body.model."):
-            out["backbone." + key[len("backbone.body.model."):]] = value
+            out["backbone." + key[len("backbone.body.model.") :]] = value
             continue
         if m := re.match(r"backbone\.fpn\.inner_blocks\.(\d+)\.0\.(\w+)", key):
             key = f"neck.lateral_convs.{m[1]}.conv.{m[2]}"
@@ -41,7 +45,12 @@ def to_mmdet(detector: ObjectDetector) -> dict[str, torch.Tensor]:
         elif m := re.match(r"backbone\.fpn\.extra_blocks\.p([67])\.(\w+)", key):
             key = f"neck.fpn_convs.{inner + int(m[1]) - 6}.conv.{m[2]}"
         elif m := re.match(r"rpn\.head\.(conv\.0\.0|cls_logits|bbox_pred)\.(\w+)", key):
-            key = "rpn_head." + {"conv.0.0": "rpn_conv", "cls_logits": "rpn_cls", "bbox_pred": "rpn_reg"}[m[1]] + "." + m[2]
+            key = (
+                "rpn_head."
+                + {"conv.0.0": "rpn_conv", "cls_logits": "rpn_cls", "bbox_pred": "rpn_reg"}[m[1]]
+                + "."
+                + m[2]
+            )
         elif m := re.match(r"head\.(classification|regression)_head\.conv\.(\d+)\.0\.(\w+)", key):
             key = f"bbox_head.{m[1][:3].replace('cla', 'cls')}_convs.{m[2]}.conv.{m[3]}"
         elif m := re.match(r"head\.classification_head\.cls_logits\.(\w+)", key):
@@ -52,8 +61,11 @@ def to_mmdet(detector: ObjectDetector) -> dict[str, torch.Tensor]:
             key = f"roi_head.bbox_head.shared_fcs.{int(m[1]) - 6}.{m[2]}"
         elif m := re.match(r"roi_heads\.box_heads\.(\d)\.(\d)\.(.*)", key):
             stage, layer, rest = m[1], int(m[2]), m[3]
-            key = (f"roi_head.bbox_head.{stage}.shared_fcs.0.{rest}" if layer == 5
-                   else _conv_module(f"roi_head.bbox_head.{stage}.shared_convs.{layer}.{rest}"))
+            key = (
+                f"roi_head.bbox_head.{stage}.shared_fcs.0.{rest}"
+                if layer == 5
+                else _conv_module(f"roi_head.bbox_head.{stage}.shared_convs.{layer}.{rest}")
+            )
         elif m := re.match(r"roi_heads\.box_predictors?(?:\.(\d))?\.(cls_score|bbox_pred)\.(\w+)", key):
             stage = "" if m[1] is None else m[1] + "."
             if m[2] == "cls_score":
@@ -84,9 +96,13 @@ def _randomize(detector: ObjectDetector) -> None:
 
 def _write(tmp_path, arch, state, meta=None):
     config = tmp_path / f"{arch}.yaml"
-    config.write_text(yaml.safe_dump({"model": {**MODEL, "arch": arch, "ops": "mmdet", "detector_kwargs": SMALL[arch]}}))
+    config.write_text(
+        yaml.safe_dump({"model": {**MODEL, "arch": arch, "ops": "mmdet", "detector_kwargs": SMALL[arch]}})
+    )
     src = tmp_path / f"{arch}.pth"
-    torch.save({"meta": meta or {"mmdet_version": "2.25.2", "CLASSES": ("cat", "dog", "fox")}, "state_dict": state}, src)
+    torch.save(
+        {"meta": meta or {"mmdet_version": "2.25.2", "CLASSES": ("cat", "dog", "fox")}, "state_dict": state}, src
+    )
     return config, src
 
 

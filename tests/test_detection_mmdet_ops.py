@@ -33,7 +33,9 @@ def test_roi_align_levels_and_pixel_centres():
 def test_anchors_are_not_rounded():
     anchors = MMDetAnchorGenerator(((32,),), ((0.5, 1.0, 2.0),)).cell_anchors[0]
     half_w, half_h = 16 * math.sqrt(2), 16 / math.sqrt(2)
-    expected = torch.tensor([[-half_w, -half_h, half_w, half_h], [-16, -16, 16, 16], [-half_h, -half_w, half_h, half_w]])
+    expected = torch.tensor(
+        [[-half_w, -half_h, half_w, half_h], [-16, -16, 16, 16], [-half_h, -half_w, half_h, half_w]]
+    )
     torch.testing.assert_close(anchors, expected)
 
 

@@ -257,8 +257,9 @@ def build_backbone(
     **model_kwargs,
 ) -> FeatureBackbone | ViTDetBackbone:
     """Backbone + pyramid for timm model ``name`` (``extra``: ``"maxpool"`` adds a stride-2x level by max-pooling,
-    ``"p6p7"`` / ``"p6p7_on_input"`` two conv levels); levels with stride < ``min_stride`` are left out. ``pretrained``: ``True`` loads
-    the model's cfg weights, a path loads a classification checkpoint or exported folder (classifier dropped)."""
+    ``"p6p7"`` / ``"p6p7_on_input"`` two conv levels); levels with stride < ``min_stride`` are left out.
+    ``pretrained``: ``True`` loads the model's cfg weights, a path loads a classification checkpoint or exported
+    folder (classifier dropped)."""
     if extra not in ("maxpool", "p6p7", "p6p7_on_input"):
         raise ValueError(f"extra must be 'maxpool', 'p6p7' or 'p6p7_on_input', got {extra!r}")
     if fpn_channels < 1:

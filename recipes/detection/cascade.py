@@ -29,7 +29,8 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.roi_heads import maskrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops, generalized_box_iou_loss
+from torchvision.ops import MultiScaleRoIAlign, generalized_box_iou_loss
+from torchvision.ops import boxes as box_ops
 
 __all__ = ["CascadeMaskRCNN", "CascadeRoIHeads"]
 
@@ -142,7 +143,9 @@ class CascadeRoIHeads(nn.Module):
         gt_boxes = [t["boxes"].to(proposals[0].dtype) for t in targets]
         gt_labels = [t["labels"] for t in targets]
         rois, labels, matched, is_gt = self._sample(stage, proposals, gt_boxes, gt_labels)
-        logits, deltas = self.box_predictors[stage](self.box_heads[stage](self.box_roi_pool(features, rois, image_shapes)))
+        logits, deltas = self.box_predictors[stage](
+            self.box_heads[stage](self.box_roi_pool(features, rois, image_shapes))
+        )
         all_labels, all_rois = torch.cat(labels), torch.cat(rois)
         weight = self.loss_weights[stage]
         losses = {f"loss_classifier_s{stage}": weight * F.cross_entropy(logits, all_labels)}
@@ -150,9 +153,9 @@ class CascadeRoIHeads(nn.Module):
         pos = torch.where(all_labels > 0)[0]
         coder = self.box_coders[stage]
         predicted = coder.decode_single(deltas[pos, all_labels[pos]], all_rois[pos])
-        matched_boxes = torch.cat(
-            [g[m] if len(g) else g.new_zeros((len(m), 4)) for g, m in zip(gt_boxes, matched)]
-        )[pos]
+        matched_boxes = torch.cat([g[m] if len(g) else g.new_zeros((len(m), 4)) for g, m in zip(gt_boxes, matched)])[
+            pos
+        ]
         giou = generalized_box_iou_loss(predicted, matched_boxes, reduction="sum") / max(len(all_labels), 1)
         losses[f"loss_box_giou_s{stage}"] = weight * self.giou_loss_weight * giou
         if self.has_mask():
@@ -258,12 +261,12 @@ class CascadeRoIHeads(nn.Module):
 
 
 class CascadeMaskRCNN(GeneralizedRCNN):
-    """Cascade (Mask) R-CNN on a backbone with ``out_channels`` (a feature pyramid dict).
+    """Cascade Mask R-CNN on a backbone with ``out_channels`` (a feature pyramid dict).
 
     ``num_classes`` includes the background (labels ``1..num_classes - 1``). The transform and RPN arguments are
     torchvision's ``FasterRCNN`` ones (same names and defaults); ``box_*`` are the R-CNN settings shared by the stages;
     ``stage_iou_thresholds`` / ``stage_box_stds`` / ``stage_loss_weights`` one entry per stage; ``giou_loss_weight``
-    scales the box loss; ``with_masks=False`` gives Cascade R-CNN. The box heads are 4 convs as wide as the pyramid
+    scales the box loss. The box heads are 4 convs as wide as the pyramid
     (BatchNorm, ReLU) + one ``box_fc_channels``-wide fc, the mask heads torchvision's (4 convs as wide as the pyramid,
     a 2x deconvolution, per-class logits), as mmdet's ``Shared4Conv1FCBBoxHead`` and ``FCNMaskHead``.
     """
@@ -299,7 +302,6 @@ class CascadeMaskRCNN(GeneralizedRCNN):
         stage_loss_weights: Sequence[float] = STAGE_LOSS_WEIGHTS,
         giou_loss_weight: float = 10.0,
         box_fc_channels: int = 1024,
-        with_masks: bool = True,
         **kwargs: Any,
     ) -> None:
         channels = backbone.out_channels
@@ -328,13 +330,9 @@ class CascadeMaskRCNN(GeneralizedRCNN):
             for _ in stages
         ]
         box_predictors = [FastRCNNPredictor(box_fc_channels, num_classes) for _ in stages]
-        mask_heads = mask_predictors = None
-        if with_masks:
-            mask_roi_pool = mask_roi_pool or MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2)
-            mask_heads = [MaskRCNNHeads(channels, [channels] * 4, 1) for _ in stages]
-            mask_predictors = [MaskRCNNPredictor(channels, channels, num_classes) for _ in stages]
-        else:
-            mask_roi_pool = None
+        mask_roi_pool = mask_roi_pool or MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2)
+        mask_heads = [MaskRCNNHeads(channels, [channels] * 4, 1) for _ in stages]
+        mask_predictors = [MaskRCNNPredictor(channels, channels, num_classes) for _ in stages]
         roi_heads = CascadeRoIHeads(
             box_roi_pool,
             box_heads,

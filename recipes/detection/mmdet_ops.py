@@ -43,7 +43,8 @@ class MMDetRoIAlign(MultiScaleRoIAlign):
     """mmdet's ``SingleRoIExtractor`` + ``RoIAlign(aligned=True)``.
 
     ``forward(features, boxes, image_shapes)``: ``features`` an ordered dict holding ``featmap_names`` (maps of
-    strides ``strides``), ``boxes`` one ``(N_i, 4)`` xyxy tensor per image in input pixels -> ``(sum N_i, C, *output_size)``.
+    strides ``strides``), ``boxes`` one ``(N_i, 4)`` xyxy tensor per image in input pixels ->
+    ``(sum N_i, C, *output_size)``.
     A box of scale ``sqrt(w h)`` is pooled from level ``floor(log2(scale / finest_scale + 1e-6))`` (clamped).
     """
 
@@ -91,7 +92,7 @@ class MMDetAnchorGenerator(AnchorGenerator):
         scales: list[int],
         aspect_ratios: list[float],
         dtype: torch.dtype = torch.float32,
-        device: torch.device = torch.device("cpu"),
+        device: torch.device | str = "cpu",
     ) -> Tensor:
         scales = torch.as_tensor(scales, dtype=dtype, device=device)
         aspect_ratios = torch.as_tensor(aspect_ratios, dtype=dtype, device=device)
