@@ -238,10 +238,11 @@ class CocoDataModule(RankAwareDataModule):
             raise ValueError(f"hflip must be a probability in [0, 1], got {hflip}")
         if augment not in AUGMENTATIONS:
             raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}; got {augment!r}")
-        if not crop_scales or any(int(s) < 1 for s in crop_scales) or max(crop_scales) > train_max_size:
-            raise ValueError(f"crop_scales must be positive sizes <= train_max_size, got {list(crop_scales)}")
-        if len(crop_size) != 2 or not 1 <= crop_size[0] <= crop_size[1]:
-            raise ValueError(f"crop_size must be [min, max] with 1 <= min <= max, got {list(crop_size)}")
+        if augment == "detr_crop":
+            if not crop_scales or any(int(s) < 1 for s in crop_scales) or max(crop_scales) > train_max_size:
+                raise ValueError(f"crop_scales must be positive sizes <= train_max_size, got {list(crop_scales)}")
+            if len(crop_size) != 2 or not 1 <= crop_size[0] <= crop_size[1]:
+                raise ValueError(f"crop_size must be [min, max] with 1 <= min <= max, got {list(crop_size)}")
         if aspect_ratio_bins is not None:
             check_aspect_ratios(aspect_ratio_bins, "aspect_ratio_bins", distinct=True)
         self.save_hyperparameters()
