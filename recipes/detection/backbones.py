@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 from timm.layers import LayerNorm2d
+from timm.models._features import FeatureGetterNet
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchvision.ops.feature_pyramid_network import (
@@ -32,9 +34,17 @@ from torchvision.ops.feature_pyramid_network import (
 )
 
 import attnzoo  # noqa: F401  (registers the zoo models into timm)
+from attnzoo.weights.downstream import filter_without_new_norms, new_output_norm_keys, warn_new_keys, zoo_filter
 from attnzoo.weights.io import load_state_dict_file
 
-__all__ = ["FeatureBackbone", "SimpleFeaturePyramid", "ViTDetBackbone", "build_backbone", "is_plain_vit"]
+__all__ = [
+    "FeatureBackbone",
+    "SimpleFeaturePyramid",
+    "ViTDetBackbone",
+    "build_backbone",
+    "is_plain_vit",
+    "load_backbone_weights",
+]
 
 
 def is_plain_vit(name: str, **kwargs) -> bool:
@@ -60,18 +70,67 @@ def _pretrained_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_backbone_weights(model: nn.Module, path: str | os.PathLike, classifier: str | None) -> None:
-    """Load ``path`` into the timm ``model`` (a feature net's inner model), dropping the classifier; every weight the
-    backbone keeps must be in the file (layers pruned by ``features_only`` may be extra)."""
+def load_backbone_weights(
+    body: nn.Module, path: str | os.PathLike, name: str, model_kwargs: Mapping[str, Any] | None = None
+) -> list[str]:
+    """Load classification weights into a backbone, strictly; returns the tensors that start untrained.
+
+    Args:
+        body: the ``features_only`` net (or the model itself) of timm model ``name`` built with ``model_kwargs``,
+            e.g. a downstream backbone (``out_norms=True``, ``downstream_agent_shapes=...``).
+        path: a classification recipe checkpoint (Lightning ``.ckpt``), an exported folder or a weights file, in
+            attnzoo's keys or the family's official classification layout (mapped by its ``checkpoint_filter_fn``;
+            agent biases and position embeddings are resampled to the model).
+
+    Every tensor the backbone keeps must come from the file, except the output norms of a downstream backbone when
+    the file has none (they start untrained; a warning names them). The file may hold more only where
+    ``features_only`` pruned the model: the classifier, the final norm, and the stages after the last of
+    ``out_indices``. Anything else (a larger or smaller sibling, another width) is a ``ValueError`` naming the
+    tensors. Shared by the detection and segmentation recipes.
+    """
+    model = body.model if isinstance(body, FeatureGetterNet) else body
     state = _pretrained_state_dict(path)
-    if classifier:
-        state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
-    missing, _ = model.load_state_dict(state, strict=False)
-    if missing:
+    if any(k.startswith("backbone.") for k in state):
         raise ValueError(
-            f"pretrained_backbone {str(path)!r} lacks {len(missing)} backbone weights, e.g. {missing[:5]}; "
-            "was it trained with the same backbone and backbone kwargs?"
+            f"pretrained_backbone {str(path)!r} is a detection / segmentation checkpoint (backbone.* keys), not "
+            "classification weights; map its backbone with attnzoo.weights.downstream.convert_backbone_state"
         )
+    state = filter_without_new_norms(zoo_filter(name), state, model)
+    with torch.device("meta"):
+        full = timm.create_model(name, pretrained=False, **dict(model_kwargs or {}))
+    expected = model.state_dict()
+    pruned = set(full.state_dict()) - set(expected)
+    classifier = model.pretrained_cfg.get("classifier")
+    classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
+    extra = sorted(
+        k
+        for k in state
+        if k not in expected and k not in pruned and not k.startswith(tuple(c + "." for c in classifiers))
+    )
+    new = new_output_norm_keys(state, model)
+    missing = sorted(k for k in expected if k not in state and k not in new)
+    mismatched = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    )
+    if extra or missing or mismatched:
+        problems = [
+            f"{len(keys)} {what}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
+            for keys, what in (
+                (extra, f"tensors that {name} does not have"),
+                (missing, "backbone tensors missing"),
+                (mismatched, "shapes differ"),
+            )
+            if keys
+        ]
+        raise ValueError(
+            f"pretrained_backbone {str(path)!r} does not fit {name}: {'; '.join(problems)}. Only the classifier and "
+            "the final norm may differ (is it a checkpoint of another size, or were other backbone kwargs used?)"
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    warn_new_keys(new, repr(str(path)))
+    return new
 
 
 def _freeze(module: nn.Module) -> None:
@@ -280,7 +339,7 @@ def build_backbone(
     except TypeError as err:
         raise TypeError(f"backbone kwargs {sorted(model_kwargs)} rejected by {name}: {err}") from err
     if from_file is not None:
-        _load_backbone_weights(body.model, from_file, body.model.pretrained_cfg.get("classifier"))
+        load_backbone_weights(body, from_file, name, model_kwargs)
     cls = ViTDetBackbone if plain else FeatureBackbone
     backbone = cls(body, fpn_channels, extra, frozen_stages, norm_eval, min_stride)
     backbone.pretrained_cfg = body.model.pretrained_cfg
