@@ -15,14 +15,14 @@ from torchvision's detectors, all handled here:
   (4 rows) is copied to every class, which decodes the same boxes.
 - The mask logits ``conv_logits`` have ``K`` channels, torchvision's ``mask_fcn_logits`` ``K + 1`` (a zero channel
   first). RetinaNet's sigmoid classifier ``retina_cls`` has the same layout as ours (anchor-major, ``K`` classes).
-- Backbone keys go through the backbone model's own checkpoint filter (``checkpoint_filter_fn`` of its family's
-  module), which maps the official classification layouts onto the zoo's.
+- Backbone keys (``backbone.`` removed) go through :func:`attnzoo.weights.downstream.convert_backbone_state`, which
+  maps the official downstream layouts of NAT/DiNAT, BiFormer, Agent-Swin and Agent-PVT (output norms included)
+  onto the zoo's downstream backbones, strictly; attnzoo keys pass unchanged. Other backbones take attnzoo keys.
 """
 
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -51,10 +51,16 @@ def _zero_background(rows: int) -> Callable[[Tensor], Tensor]:
     return lambda value: torch.cat([value.new_zeros((rows, *value.shape[1:])), value])
 
 
-def _backbone_state(timm_model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Official backbone keys -> the zoo model's, through the family's ``checkpoint_filter_fn``."""
-    filter_fn = getattr(sys.modules[type(timm_model).__module__], "checkpoint_filter_fn", None)
-    return dict(filter_fn(state, timm_model)) if filter_fn is not None else dict(state)
+def _backbone_state(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The checkpoint's backbone tensors (``backbone.`` removed) -> the detector's keys (``backbone.body.…``)."""
+    from .downstream import DOWNSTREAM_FAMILIES, convert_backbone_state, family_module
+
+    body = model.backbone.body
+    if family_module(model.backbone_name).__name__ in DOWNSTREAM_FAMILIES:
+        converted = convert_backbone_state(model.backbone_name, state, body)  # strict; "model." prefixed
+    else:
+        converted = {("model." if hasattr(body, "model") else "") + k: v for k, v in state.items()}
+    return {f"backbone.body.{k}": v for k, v in converted.items()}
 
 
 class _Mapper:
@@ -173,12 +179,8 @@ def map_state_dict(module: nn.Module, state: dict[str, Tensor]) -> dict[str, Ten
         raise ValueError(
             f"mmdet checkpoints map onto faster_rcnn, mask_rcnn, cascade_mask_rcnn or retinanet, not {model.arch}"
         )
-    out = {
-        f"model.backbone.body.model.{k}": v
-        for k, v in _backbone_state(
-            model.backbone.body.model, {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
-        ).items()
-    }
+    backbone = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    out = {f"model.{k}": v for k, v in _backbone_state(model, backbone).items()}
     mapper = _rules(model, num_classes)
     unmapped = []
     for key, value in state.items():
