@@ -12,7 +12,13 @@ from attnzoo.cli import main as attnzoo_main
 from attnzoo.recipes.detection import ObjectDetector
 from attnzoo.weights.dense_convert import convert_dense_checkpoint
 
-PVT = dict(depths=[1, 1, 1, 1], embed_dims=[16, 32, 48, 64], num_heads=[1, 1, 2, 2])
+PVT = dict(
+    depths=[1, 1, 1, 1],
+    embed_dims=[16, 32, 48, 64],
+    num_heads=[1, 1, 2, 2],
+    downstream_agent_shapes=[[12, 12], [16, 16], [28, 28], [28, 28]],
+    pad_patches=False,
+)
 MODEL = dict(backbone="agent_pvt_tiny", num_classes=3, backbone_kwargs=PVT, fpn_channels=16, min_size=96, max_size=128)
 SMALL = {
     "retinanet": dict(topk_candidates=100),
@@ -30,13 +36,29 @@ def _conv_module(key: str) -> str:
     )
 
 
+def official_agent_pvt(key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """An Agent-PVT tensor in the official layout (shared/downstream.md section 3): ``patch_embed{i}``,
+    ``pos_embed{i}`` ``(1, N, C)``, ``block{i}.j`` with separate ``attn.q`` / ``attn.kv``."""
+    if m := re.match(r"(stem|stages\.(\d)\.downsample)\.(.*)", key):
+        i = 1 if m[1] == "stem" else int(m[2]) + 1
+        return {f"pos_embed{i}": value.flatten(1, 2)} if m[3] == "pos_embed" else {f"patch_embed{i}.{m[3]}": value}
+    m = re.match(r"stages\.(\d)\.blocks\.(\d+)\.(.*)", key)
+    prefix = f"block{int(m[1]) + 1}.{m[2]}."
+    if m[3].startswith("attn.qkv."):
+        dim, name = len(value) // 3, m[3][len("attn.qkv.") :]
+        return {f"{prefix}attn.q.{name}": value[:dim], f"{prefix}attn.kv.{name}": value[dim:]}
+    return {prefix + m[3]: value}
+
+
 def to_mmdet(detector: ObjectDetector) -> dict[str, torch.Tensor]:
-    """Our detector's state dict in mmdet 2.x's layout (background last, no background box deltas / mask channel)."""
+    """Our detector's state dict in mmdet 2.x's layout (official backbone keys, background last, no background box
+    deltas / mask channel)."""
     model, out = detector.model, {}
     inner = len(model.backbone.fpn.inner_blocks)
     for key, value in model.state_dict().items():
         if key.startswith("backbone.body.model."):
-            out["backbone." + key[len("backbone.body.model.") :]] = value
+            for name, tensor in official_agent_pvt(key[len("backbone.body.model.") :], value).items():
+                out["backbone." + name] = tensor
             continue
         if m := re.match(r"backbone\.fpn\.inner_blocks\.(\d+)\.0\.(\w+)", key):
             key = f"neck.lateral_convs.{m[1]}.conv.{m[2]}"
@@ -136,3 +158,15 @@ def test_strict_conversion_names_the_keys_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="head.regression_head.bbox_reg.bias"):
         attnzoo_main(["convert", "--config", str(config), "--src", str(src), "--out", str(tmp_path / "out")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["retinanet.pth", "retinanet.yaml"]
+
+
+def test_no_decay_keys_follow_mmdets_paramwise_rule():
+    detector = ObjectDetector(arch="retinanet", **MODEL, no_decay_keys=["norm", "an_bias"])
+    decay_of = {id(p): g["weight_decay"] for g in detector.param_groups(1e-4) for p in g["params"]}
+    names = dict(detector.model.named_parameters())
+    assert decay_of.keys() == {id(p) for p in names.values()}
+    for name, p in names.items():
+        assert decay_of[id(p)] == (0.0 if "norm" in name or "an_bias" in name else 0.05), name
+    assert decay_of[id(names["head.regression_head.bbox_reg.bias"])] == 0.05  # mmdet decays biases
+    with pytest.raises(ValueError, match="no_decay_keys"):
+        ObjectDetector(arch="retinanet", **MODEL, no_decay_keys=[], layer_decay=0.9)
