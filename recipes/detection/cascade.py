@@ -173,7 +173,8 @@ class CascadeRoIHeads(nn.Module):
             with torch.no_grad():
                 guess = logits[:, 1:].argmax(dim=1) + 1
                 refine_labels = torch.where(all_labels > 0, all_labels, guess)
-                boxes = coder.decode_single(deltas[torch.arange(len(all_rois)), refine_labels], all_rois)
+                index = torch.arange(len(all_rois), device=deltas.device)
+                boxes = coder.decode_single(deltas[index, refine_labels], all_rois)
                 for b, gt_flag, shape in zip(boxes.split([len(r) for r in rois]), is_gt, image_shapes):
                     refined.append(box_ops.clip_boxes_to_image(b[~gt_flag], shape).detach())
         return losses, refined
@@ -190,7 +191,8 @@ class CascadeRoIHeads(nn.Module):
             logits_sum = logits if logits_sum is None else logits_sum + logits
             if stage + 1 < self.num_stages:
                 labels = logits[:, 1:].argmax(dim=1) + 1
-                deltas = deltas.reshape(len(logits), -1, 4)[torch.arange(len(logits)), labels]
+                index = torch.arange(len(logits), device=logits.device)
+                deltas = deltas.reshape(len(logits), -1, 4)[index, labels]
                 boxes = self.box_coders[stage].decode_single(deltas, torch.cat(rois))
                 rois = [
                     box_ops.clip_boxes_to_image(b, shape)
