@@ -139,9 +139,16 @@ def _freeze(module: nn.Module) -> None:
 
 
 def _extra_block(extra: str, in_channels: int, out_channels: int) -> ExtraFPNBlock:
-    """The levels above the last map: a stride-2 max-pool of it (``"maxpool"``), or P6/P7 convolutions on the last
-    backbone map (``"p6p7"``; on the pyramid's last level when ``in_channels == out_channels``)."""
-    return LastLevelMaxPool() if extra == "maxpool" else LastLevelP6P7(in_channels, out_channels)
+    """The levels above the last map: a stride-2 max-pool of it (``"maxpool"``), P6/P7 convolutions on the last
+    backbone map (``"p6p7"``: torchvision's, on the pyramid's last level when ``in_channels == out_channels`` and a
+    ReLU before P7) or mmdet's (``"p6p7_on_input"``: always on the backbone map, no ReLU)."""
+    if extra == "maxpool":
+        return LastLevelMaxPool()
+    if extra == "p6p7_on_input":
+        from .mmdet_ops import LastLevelP6P7OnInput
+
+        return LastLevelP6P7OnInput(in_channels, out_channels)
+    return LastLevelP6P7(in_channels, out_channels)
 
 
 class _TimmBody(nn.Module):
@@ -309,10 +316,11 @@ def build_backbone(
     **model_kwargs,
 ) -> FeatureBackbone | ViTDetBackbone:
     """Backbone + pyramid for timm model ``name`` (``extra``: ``"maxpool"`` adds a stride-2x level by max-pooling,
-    ``"p6p7"`` two conv levels); levels with stride < ``min_stride`` are left out. ``pretrained``: ``True`` loads
-    the model's cfg weights, a path loads a classification checkpoint or exported folder (classifier dropped)."""
-    if extra not in ("maxpool", "p6p7"):
-        raise ValueError(f"extra must be 'maxpool' or 'p6p7', got {extra!r}")
+    ``"p6p7"`` / ``"p6p7_on_input"`` two conv levels); levels with stride < ``min_stride`` are left out.
+    ``pretrained``: ``True`` loads the model's cfg weights, a path loads a classification checkpoint or exported
+    folder (classifier dropped)."""
+    if extra not in ("maxpool", "p6p7", "p6p7_on_input"):
+        raise ValueError(f"extra must be 'maxpool', 'p6p7' or 'p6p7_on_input', got {extra!r}")
     if fpn_channels < 1:
         raise ValueError(f"fpn_channels must be positive, got {fpn_channels}")
     if not timm.is_model(name):

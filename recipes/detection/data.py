@@ -33,6 +33,8 @@ from torchvision.transforms import v2
 
 from ..loaders import LazyIterLoader, RankAwareDataModule
 from ..samplers import AspectRatioBatchSampler, PaddedEvalDataset, ShardedEvalSampler, check_aspect_ratios
+from .augment import AUGMENTATIONS, DETR_CROP_SCALES, DETR_CROP_SIZE, train_transform
+from .build import MASK_ARCHS
 from .coco_json import images_folder_as_coco, load_coco_json
 
 __all__ = ["CocoDataModule", "CocoJsonDataset", "DetectionDataset", "collate_detection"]
@@ -181,9 +183,13 @@ class CocoDataModule(RankAwareDataModule):
         train_scales: short-side sizes drawn per training image (default 480, 512, ..., 800); ``train_max_size``
             caps the long side (1333). The evaluation size is the model's (``min_size`` / ``max_size``).
         hflip: horizontal flip probability.
+        augment: ``"resize"`` (short side from ``train_scales``, flip) or ``"detr_crop"`` (DETR's multi-scale crop
+            augmentation of the NAT/DiNAT 3x and Agent-Swin configs: flip, then either a ``train_scales`` resize or
+            a ``crop_scales`` resize, a random crop of ``crop_size`` = ``[min, max]`` pixels per side and a
+            ``train_scales`` resize; :mod:`~attnzoo.recipes.detection.augment`).
         aspect_ratio_bins: width/height ratios that group the training batches (each batch has images of one bin;
             default portrait / landscape); ``None``: one bin.
-        with_masks: load instance masks; ``None``: when the attached model is a Mask R-CNN.
+        with_masks: load instance masks; ``None``: when the attached model is a (Cascade) Mask R-CNN.
         skip_empty_train: leave training images without (non-crowd) annotations out.
         seed: seed of the batch order and the augmentation (epoch ``e`` uses ``seed + e``).
     """
@@ -209,6 +215,9 @@ class CocoDataModule(RankAwareDataModule):
         train_scales: Sequence[int] = DEFAULT_SCALES,
         train_max_size: int = 1333,
         hflip: float = 0.5,
+        augment: str = "resize",
+        crop_scales: Sequence[int] = DETR_CROP_SCALES,
+        crop_size: Sequence[int] = DETR_CROP_SIZE,
         aspect_ratio_bins: Sequence[float] | None = (0.75, 1.333),
         with_masks: bool | None = None,
         skip_empty_train: bool = True,
@@ -227,6 +236,13 @@ class CocoDataModule(RankAwareDataModule):
             )
         if not 0.0 <= hflip <= 1.0:
             raise ValueError(f"hflip must be a probability in [0, 1], got {hflip}")
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}; got {augment!r}")
+        if augment == "detr_crop":
+            if not crop_scales or any(int(s) < 1 for s in crop_scales) or max(crop_scales) > train_max_size:
+                raise ValueError(f"crop_scales must be positive sizes <= train_max_size, got {list(crop_scales)}")
+            if len(crop_size) != 2 or not 1 <= crop_size[0] <= crop_size[1]:
+                raise ValueError(f"crop_size must be [min, max] with 1 <= min <= max, got {list(crop_size)}")
         if aspect_ratio_bins is not None:
             check_aspect_ratios(aspect_ratio_bins, "aspect_ratio_bins", distinct=True)
         self.save_hyperparameters()
@@ -261,7 +277,7 @@ class CocoDataModule(RankAwareDataModule):
         if self.hparams.with_masks is not None:
             return self.hparams.with_masks
         module = self.trainer.lightning_module if self.trainer is not None else None
-        return getattr(getattr(module, "hparams", None), "arch", None) == "mask_rcnn"
+        return getattr(getattr(module, "hparams", None), "arch", None) in MASK_ARCHS
 
     def _set_categories(self, data: dict[str, Any], ann: str) -> None:
         categories = sorted(data["categories"], key=lambda c: c["id"])
@@ -276,14 +292,8 @@ class CocoDataModule(RankAwareDataModule):
 
     def train_transform(self) -> v2.Compose:
         hp = self.hparams
-        return v2.Compose(
-            [
-                v2.ToImage(),
-                v2.RandomShortestSize(list(hp.train_scales), max_size=hp.train_max_size, antialias=True),
-                v2.RandomHorizontalFlip(hp.hflip),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.SanitizeBoundingBoxes(min_size=1.0),
-            ]
+        return train_transform(
+            hp.augment, hp.train_scales, hp.train_max_size, hp.hflip, crop_scales=hp.crop_scales, crop_size=hp.crop_size
         )
 
     @staticmethod

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
-from .build import ARCHS, build_detector
+from .build import ARCHS, MASK_ARCHS, build_detector
 from .evaluation import detections_to_coco, evaluate_coco
 from .schedule import WarmupMultiStep, resolve_schedule
 
@@ -34,16 +34,21 @@ class ObjectDetector(pl.LightningModule):
     """Object detection / instance segmentation with :func:`~attnzoo.recipes.detection.build_detector`.
 
     Args:
-        arch: ``"faster_rcnn" | "mask_rcnn" | "retinanet" | "fcos"``.
+        arch: ``"faster_rcnn" | "mask_rcnn" | "cascade_mask_rcnn" | "retinanet" | "fcos"``.
         backbone: a timm model name (zoo models are registered by ``import attnzoo``).
         num_classes: object categories (must match the data's).
         pretrained_backbone: ``True`` (cfg weights) or a classification checkpoint / exported folder / weights file.
         backbone_kwargs: ``timm.create_model`` arguments (``drop_path_rate``...).
-        out_indices, fpn_channels, frozen_stages, norm_eval, min_size, max_size, detector_kwargs: see
+        out_indices, fpn_channels, frozen_stages, norm_eval, min_size, max_size, ops, detector_kwargs: see
             :func:`~attnzoo.recipes.detection.build_detector` (``min_size``/``max_size``: the evaluation size; the
-            data module resizes training images, the model does not resize them again).
+            data module resizes training images, the model does not resize them again; ``ops``: ``"torchvision"``
+            or ``"mmdet"`` arithmetic).
+        weights: a folder written by ``attnzoo convert --config`` (``model.safetensors`` + ``meta.json``), loaded
+            strictly into the whole module; its categories become the module's (the data's must be the same).
         lr: AdamW learning rate of the detector (heads, pyramid); the backbone gets ``lr * backbone_lr_mult``.
         weight_decay: decoupled weight decay (not on 1-D parameters, biases and ``no_weight_decay()`` names).
+        no_decay_keys: mmdetection's rule instead (``paramwise_cfg.custom_keys`` with ``decay_mult=0``): no decay on
+            the parameters whose name contains one of these strings, decay on every other one (biases too).
         layer_decay: layer-wise lr decay of the backbone (``None``: off).
         betas: AdamW betas.
         schedule: ``"1x"``, ``"3x"`` or ``None`` (then ``epochs`` and ``milestones`` are required); ``epochs`` and
@@ -67,9 +72,12 @@ class ObjectDetector(pl.LightningModule):
         norm_eval: bool = False,
         min_size: int = 800,
         max_size: int = 1333,
+        ops: str = "torchvision",
         detector_kwargs: dict[str, Any] | None = None,
+        weights: str | None = None,
         lr: float = 1e-4,
         weight_decay: float = 0.05,
+        no_decay_keys: list[str] | None = None,
         backbone_lr_mult: float = 1.0,
         layer_decay: float | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -90,23 +98,30 @@ class ObjectDetector(pl.LightningModule):
             raise ValueError(f"model.layer_decay must be in (0, 1], got {layer_decay}")
         if backbone_lr_mult < 0:
             raise ValueError(f"model.backbone_lr_mult must be >= 0, got {backbone_lr_mult}")
+        if no_decay_keys is not None and layer_decay is not None:
+            raise ValueError("model.no_decay_keys (mmdetection's grouping) and model.layer_decay cannot be combined")
         self.epochs, self.milestones = resolve_schedule(schedule, epochs, milestones)
         self.model = build_detector(
             arch,
             backbone,
             num_classes,
-            pretrained_backbone=pretrained_backbone,
+            pretrained_backbone=False if weights else pretrained_backbone,  # the converted weights replace them
             out_indices=tuple(out_indices),
             fpn_channels=fpn_channels,
             frozen_stages=frozen_stages,
             norm_eval=norm_eval,
             min_size=min_size,
             max_size=max_size,
+            ops=ops,
             detector_kwargs={"_skip_resize": True, **(detector_kwargs or {})},
             **(backbone_kwargs or {}),
         )
-        self.iou_types = ("bbox", "segm") if arch == "mask_rcnn" else ("bbox",)
+        self.iou_types = ("bbox", "segm") if arch in MASK_ARCHS else ("bbox",)
         self.categories: list[dict[str, Any]] = [{"id": k, "name": str(k)} for k in range(1, num_classes + 1)]
+        if weights:
+            from attnzoo.weights.dense_convert import load_converted
+
+            self.categories = load_converted(self, weights)
         self._results: list[dict[str, Any]] = []
         self._image_ids: list[int] = []
 
@@ -124,7 +139,13 @@ class ObjectDetector(pl.LightningModule):
                 f"{self.hparams.num_classes}; set model.num_classes: {data_classes}"
             )
         if getattr(dm, "categories", None):
-            self.categories = [{"id": c["id"], "name": str(c.get("name", c["id"]))} for c in dm.categories]
+            categories = [{"id": c["id"], "name": str(c.get("name", c["id"]))} for c in dm.categories]
+            if self.hparams.weights and [c["id"] for c in categories] != self.category_ids:
+                raise ValueError(
+                    f"model.weights {self.hparams.weights} predicts the categories {self.category_ids[:10]}..., but "
+                    f"the annotations have {[c['id'] for c in categories][:10]}...; evaluate on the same categories"
+                )
+            self.categories = categories
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["categories"] = self.categories
@@ -137,6 +158,8 @@ class ObjectDetector(pl.LightningModule):
         """AdamW groups: the backbone's (timm's weight-decay / layer-decay grouping, lr ``lr * backbone_lr_mult *
         lr_scale``) and the rest (decay on >= 2-D weights only)."""
         hp = self.hparams
+        if hp.no_decay_keys is not None:
+            return self._param_groups_by_keys(lr)
         timm_model = self.model.backbone.body.model
         skip = timm_model.no_weight_decay() if hasattr(timm_model, "no_weight_decay") else set()
         if hp.layer_decay is not None:
@@ -156,6 +179,20 @@ class ObjectDetector(pl.LightningModule):
             {"params": no_decay, "weight_decay": 0.0, "lr": lr},
         ]
         return [g for g in backbone + head if g["params"]]
+
+    def _param_groups_by_keys(self, lr: float) -> list[dict[str, Any]]:
+        """mmdetection's grouping: weight decay 0 where the parameter name contains a ``no_decay_keys`` entry,
+        ``weight_decay`` on every other trainable parameter; the backbone's lr is ``lr * backbone_lr_mult``."""
+        hp = self.hparams
+        inner = {id(p) for p in self.model.backbone.body.model.parameters()}
+        groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            decay = 0.0 if any(key in name for key in hp.no_decay_keys) else hp.weight_decay
+            group_lr = lr * hp.backbone_lr_mult if id(p) in inner else lr
+            groups.setdefault((group_lr, decay), []).append(p)
+        return [{"params": params, "lr": g_lr, "weight_decay": wd} for (g_lr, wd), params in groups.items()]
 
     def configure_optimizers(self) -> dict:
         hp = self.hparams
