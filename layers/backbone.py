@@ -22,7 +22,7 @@ from timm.layers import (
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
-from .simpool import SimPoolClassifierHead
+from .pool_head import ATTENTION_POOL_TYPES, AttentionPoolClassifierHead
 
 BlockFactory = Callable[[int, int, float], nn.Module]
 """``make_block(stage_index, block_index, drop_path) -> block``."""
@@ -73,7 +73,8 @@ class HierarchicalVisionTransformer(nn.Module):
         stage_strides: stride of each stage's downsampling (default: 1 for the first stage, 2 after).
         norm_layer: final channels-last norm on the last stage (``None``: no final norm).
         num_classes, global_pool, drop_rate: classifier head (timm ``ClassifierHead`` on NHWC maps;
-            ``global_pool="simpool"``: SimPool attention pooling, :class:`attnzoo.layers.SimPoolClassifierHead`);
+            ``global_pool="simpool"`` / ``"ep"``: SimPool / efficient-probing attention pooling,
+            :class:`attnzoo.layers.AttentionPoolClassifierHead`);
             ``reset_classifier`` switches between all of them.
 
     ``forward_features`` returns an NHWC map (``output_fmt = "NHWC"``); ``forward_intermediates`` returns stage
@@ -114,7 +115,7 @@ class HierarchicalVisionTransformer(nn.Module):
             reduction *= stride
             self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f"stages.{i}"))
         self.norm = norm_layer(self.num_features, **dd) if norm_layer is not None else nn.Identity()
-        head_layer = SimPoolClassifierHead if global_pool == "simpool" else ClassifierHead
+        head_layer = AttentionPoolClassifierHead if global_pool in ATTENTION_POOL_TYPES else ClassifierHead
         self.head = head_layer(
             self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC", **dd
         )
@@ -161,10 +162,11 @@ class HierarchicalVisionTransformer(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
-        if global_pool == "simpool" and not isinstance(self.head, SimPoolClassifierHead):
-            self.head = SimPoolClassifierHead(
+        if global_pool in ATTENTION_POOL_TYPES and not isinstance(self.head, AttentionPoolClassifierHead):
+            self.head = AttentionPoolClassifierHead(
                 self.num_features,
                 num_classes,
+                pool_type=global_pool,
                 drop_rate=self.drop_rate,
                 input_fmt="NHWC",
                 **get_device_dtype(self),

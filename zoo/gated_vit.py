@@ -21,7 +21,7 @@ from timm.layers import Attention as TimmAttention
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from attnzoo.layers import GATE_MODES, Attention
+from attnzoo.layers import GATE_MODES, Attention, ZooVisionTransformer
 from attnzoo.weights import build_model_with_official_weights
 
 __all__ = ["ElementwiseGatedAttention", "HeadwiseGatedAttention", "gated_attention_layer"]
@@ -56,7 +56,7 @@ def _create_gated_vit(variant: str, pretrained: bool = False, gate: str = "eleme
     kwargs.setdefault("dynamic_img_size", True)
     kwargs.setdefault("dynamic_img_pad", True)
     return build_model_with_official_weights(
-        VisionTransformer,
+        ZooVisionTransformer,
         variant,
         pretrained,
         attn_layer=gated_attention_layer(gate),
