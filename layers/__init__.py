@@ -8,6 +8,7 @@ from .downsample import ConvDownsample, PatchMerging
 from .efficient_probing import EfficientProbing
 from .gate import GATE_MODES, OutputGate, create_gate, gate_output
 from .mixer import MapTokenMixer, check_no_attn_mask, create_mixer, get_mixer, list_mixers, register_mixer
+from .moh import MoHGate, check_moh_args, moh_balance_loss
 from .neighborhood_attention import NeighborhoodAttention2d
 from .pool_head import ATTENTION_POOL_TYPES, AttentionPoolClassifierHead, SimPoolClassifierHead, create_attention_pool
 from .pooling_mixer import PoolingMixer
@@ -68,6 +69,7 @@ __all__ = [
     "MapTokenMixer",
     "MergePlan",
     "MergedTokens",
+    "MoHGate",
     "NeighborhoodAttention2d",
     "OutputGate",
     "OverlapPatchEmbed",
@@ -95,6 +97,7 @@ __all__ = [
     "apply_token_reduction",
     "bipartite_soft_matching",
     "build_stages",
+    "check_moh_args",
     "check_no_attn_mask",
     "convert_agent_biases",
     "create_attention_pool",
@@ -107,6 +110,7 @@ __all__ = [
     "merge_schedule",
     "merge_token_map",
     "merge_tokens",
+    "moh_balance_loss",
     "pool_tokens",
     "ppt_policy",
     "proportional_attention_mask",

@@ -31,7 +31,9 @@ def create_attention_pool(
     """The attention pooling named by ``pool_type`` (one of :data:`ATTENTION_POOL_TYPES`), ``dim`` channels in,
     ``dim`` out."""
     if pool_type == "simpool":
-        return SimPool(dim, num_heads=simpool_heads, gamma=simpool_gamma, input_fmt=input_fmt, device=device, dtype=dtype)
+        return SimPool(
+            dim, num_heads=simpool_heads, gamma=simpool_gamma, input_fmt=input_fmt, device=device, dtype=dtype
+        )
     if pool_type == "ep":
         return EfficientProbing(dim, num_queries=ep_queries, input_fmt=input_fmt, device=device, dtype=dtype)
     raise ValueError(f"attention pool_type must be one of {ATTENTION_POOL_TYPES}, got {pool_type!r}")

@@ -21,7 +21,8 @@ __all__ = ["AttentionPoolViTMixin", "ZooVisionTransformer"]
 class AttentionPoolViTMixin:
     """``global_pool="simpool"`` / ``"ep"`` for a ``VisionTransformer`` subclass (put it before
     ``VisionTransformer`` in the bases), in the constructor and in ``reset_classifier``; the pool reads the patch
-    tokens (prefix tokens too with ``pool_include_prefix``). Any other pool type is timm's and removes the attention pool."""
+    tokens (prefix tokens too with ``pool_include_prefix``). Any other pool type is timm's and removes the attention
+    pool."""
 
     def __init__(self, *args: Any, global_pool: str = "token", **kwargs: Any) -> None:
         attention = global_pool in ATTENTION_POOL_TYPES

@@ -100,7 +100,8 @@ def agent_vit_block(
 
 
 class AgentVisionTransformer(ZooVisionTransformer):
-    """timm ``VisionTransformer`` (the zoo's, :class:`~attnzoo.layers.ZooVisionTransformer`) whose blocks receive the patch grid: ``block(x, feat_size=[H, W])``.
+    """timm ``VisionTransformer`` (the zoo's, :class:`~attnzoo.layers.ZooVisionTransformer`) whose blocks receive
+    the patch grid: ``block(x, feat_size=[H, W])``.
 
     Attention masks and patch dropout are not supported (agents are pooled on the full patch grid).
     """
