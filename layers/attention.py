@@ -16,7 +16,6 @@ from timm.layers import LayerNorm
 
 from .gate import create_gate, gate_output
 from .mixer import register_mixer
-from .moh import MoHGate
 
 
 @register_mixer("attention")
@@ -90,10 +89,11 @@ class Attention(nn.Module):
             q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0, is_causal=is_causal
         )
         out = self.norm(out.transpose(1, 2).reshape(B, N, self.attn_dim))
-        if isinstance(self.gate, MoHGate):
-            out = self.gate(x, out)
-        elif self.gate is not None:
-            out = gate_output(out, F.linear(x, self.gate.weight, self.gate.bias), self.num_heads)
+        if self.gate is not None:
+            if hasattr(self.gate, "routed_heads"):  # a MoHGate (TorchScript resolves hasattr statically)
+                out = self.gate(x, out)
+            else:
+                out = gate_output(out, F.linear(x, self.gate.weight, self.gate.bias), self.num_heads)
         return out, k
 
     def forward(
