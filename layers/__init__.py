@@ -6,7 +6,7 @@ from .backbone import HierarchicalVisionTransformer, Stage, build_stages
 from .block import ConvPosEnc, TransformerBlock
 from .downsample import ConvDownsample, PatchMerging
 from .efficient_probing import EfficientProbing
-from .gate import GATE_MODES, OutputGate, create_gate, gate_output
+from .gate import GATE_MODES, GATES, OutputGate, create_gate, gate_output
 from .mixer import MapTokenMixer, check_no_attn_mask, create_mixer, get_mixer, list_mixers, register_mixer
 from .moh import MoHGate, check_moh_args, moh_balance_loss
 from .neighborhood_attention import NeighborhoodAttention2d
@@ -51,6 +51,7 @@ from .window_attention import WindowAttention2d
 
 __all__ = [
     "ATTENTION_POOL_TYPES",
+    "GATES",
     "GATE_MODES",
     "REDUCTION_METHODS",
     "AgentAttention",

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from .moh import MoHGate
 
-GATE_MODES = ("none", "headwise", "elementwise", "moh")
+GATE_MODES = ("none", "headwise", "elementwise")  # the sigmoid output gates
+GATES = (*GATE_MODES, "moh")  # every gate kind a mixer takes
 
 
 def gate_output(y: torch.Tensor, logits: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -80,11 +81,11 @@ def create_gate(
     device=None,
     dtype=None,
 ) -> OutputGate | MoHGate | None:
-    """Build the output gate named by ``gate`` (one of :data:`GATE_MODES`); ``"none"``/``None`` gives ``None``.
+    """Build the output gate named by ``gate`` (one of :data:`GATES`); ``"none"``/``None`` gives ``None``.
     ``moh_topk`` / ``moh_shared_heads`` configure ``gate="moh"`` (:class:`~attnzoo.layers.MoHGate`) and are errors
     with any other gate."""
-    if gate is not None and gate not in GATE_MODES:
-        raise ValueError(f"gate must be one of {GATE_MODES}, got {gate!r}")
+    if gate is not None and gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
     if gate != "moh" and (moh_topk is not None or moh_shared_heads):
         raise ValueError(
             f"moh_topk / moh_shared_heads only apply to gate='moh', got gate={gate!r} with moh_topk={moh_topk}, "

@@ -24,7 +24,7 @@ from timm.layers import Attention as TimmAttention
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from attnzoo.layers import GATE_MODES, Attention, ZooVisionTransformer
+from attnzoo.layers import GATES, Attention, ZooVisionTransformer
 from attnzoo.weights import build_model_with_official_weights
 
 __all__ = ["ElementwiseGatedAttention", "HeadwiseGatedAttention", "gated_attention_layer", "moh_attention_layer"]
@@ -61,10 +61,10 @@ def moh_attention_layer(topk: int, shared_heads: int = 0) -> type:
 
 
 def gated_attention_layer(gate: str, moh_topk: int | None = None, moh_shared_heads: int = 0) -> type:
-    """The attention class of timm's ViT ``Block`` for ``gate`` (one of :data:`attnzoo.layers.GATE_MODES`);
+    """The attention class of timm's ViT ``Block`` for ``gate`` (one of :data:`attnzoo.layers.GATES`);
     ``moh_topk`` / ``moh_shared_heads`` configure ``gate="moh"``."""
-    if gate not in GATE_MODES:
-        raise ValueError(f"gate must be one of {GATE_MODES}, got {gate!r}")
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
     if gate != "moh" and (moh_topk is not None or moh_shared_heads):
         raise ValueError(f"moh_topk / moh_shared_heads only apply to gate='moh', got gate={gate!r}")
     if gate == "moh":
