@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import os
 import random
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -253,6 +254,8 @@ class ImageClassifier(pl.LightningModule):
             raise ValueError(f"mixup/cutmix need an even data.batch_size, got {dm.batch_size}")
         if self.ema is not None and "fsdp" in type(self.trainer.strategy).__name__.lower():
             raise ValueError("the weight EMA (model.ema_decay) is not supported with FSDP; use DDP or disable it")
+        if self.hparams.probe is not None:  # the frozen backbone is in eval mode on purpose
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
         if stage == "fit" and self.hparams.cache_features:
             cache_probe_features(self.model, dm, self.trainer.strategy.root_device)
 

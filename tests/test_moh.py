@@ -138,6 +138,7 @@ def test_registered_moh_vits(size, dim, heads, topk, shared):
     assert not any(cfg.get(k) for k in ("url", "hf_hub_id", "file")) and "no official weights" in cfg["notes"][0]
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 def test_recipe_adds_the_weighted_balance_loss():
     from attnzoo.recipes import ImageClassifier
 
