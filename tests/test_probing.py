@@ -83,6 +83,24 @@ def test_probes_read_patch_tokens_of_plain_and_hierarchical_models(name):
         assert all(n.startswith("head.") for n, p in model.named_parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("name", ["gated_vit_tiny_patch16_224", "nat_mini"])
+def test_ep_classifier_of_zoo_models_round_trips_through_a_timm_export(name, tmp_path):
+    """``reset_classifier(n, "ep")`` on a plain and a hierarchical zoo model: the pooled features are EP of the patch
+    tokens, and the export rebuilds the same model through ``timm.create_model("local-dir:...")``."""
+    torch.manual_seed(0)
+    small = dict(img_size=64, depth=1) if "vit" in name else dict(depths=(1, 1), num_heads=(2, 4), kernel_size=3)
+    model = timm.create_model(name, num_classes=4, **small).eval()
+    model.reset_classifier(4, "ep")
+    x = torch.randn(2, 3, 64, 64)
+    features = model.forward_features(x)
+    pool = model.attn_pool if features.ndim == 3 else model.head.global_pool
+    tokens = features[:, model.num_prefix_tokens :] if features.ndim == 3 else features.flatten(1, 2)
+    torch.testing.assert_close(model.forward_head(features, pre_logits=True), _paper_ep(pool, tokens))
+    export_for_timm(model, tmp_path)
+    reloaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    torch.testing.assert_close(reloaded(x), model(x))
+
+
 def _data(**kwargs) -> ImageDataModule:
     options = dict(
         dataset="embedded/mnist_5k",
