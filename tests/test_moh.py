@@ -14,6 +14,7 @@ MIXERS = {  # per-head mixers and small settings for a 6x6 map
     "neighborhood": {"kernel_size": 3},
     "routing": {"n_win": 2, "topk": 2},
     "window": {"window_size": 3},
+    "agent": {"agent_num": 4},
 }
 
 
@@ -32,7 +33,9 @@ def _paper_weights(gate: MoHGate, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([shared * a[..., :1], routed * a[..., 1:]], dim=-1)
 
 
-@pytest.mark.parametrize("kind,shared", [("attention", 2), ("neighborhood", 0), ("routing", 1), ("window", 2)])
+@pytest.mark.parametrize(
+    "kind,shared", [("attention", 2), ("neighborhood", 0), ("routing", 1), ("window", 2), ("agent", 1)]
+)
 def test_all_heads_with_a_uniform_router_is_plain_attention(kind, shared):
     """k = every routed head and a uniform router (zero router weights, no noise): every head weighs exactly 1, so
     each per-head mixer equals its ungated self."""
