@@ -9,9 +9,9 @@ batch 64, ``--epochs`` epochs on the 4,000 training digits of ``embedded/mnist_5
 * ``deit_s_random``: timm's ``deit_small_patch16_224`` with **random weights** (timm's init, seed 0, no training), the
   digits resized to ``--deit-size`` px.
 
-Reported per probe: held-out top-1, trainable parameters, head GFLOPs (multiply-accumulates of the head for one
-image, :func:`attnzoo.kernels.flops.count_macs`, the papers' convention) and the wall time of ``fit`` (feature
-caching + training + the per-epoch validation) and of ``test`` (the backbone on the held-out images).
+Reported per probe: held-out top-1, trainable parameters, head MFLOPs (multiply-accumulates of the head for one
+image, :func:`attnzoo.kernels.flops.count_macs`, the papers' convention; 1 MFLOP = 0.001 GFLOPs) and the wall time of
+``fit`` (feature caching + training + the per-epoch validation) and of ``test`` (the backbone on the held-out images).
 
     python benchmarks/bench_probing.py --demo-weights runs/demo/export/model.safetensors --threads 1 \
         --markdown benchmarks/results/probing-cpu.md
@@ -88,7 +88,7 @@ def run_probe(backbone: str, probe: str, args: argparse.Namespace, workdir: Path
         "top1": float(results["test/top1"]),
         "images": int(results["test/images"]),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "head_gflops": head_macs / 1e9,
+        "head_mflops": head_macs / 1e6,
         "backbone_gflops": backbone_macs / 1e9,
         "tokens": head_input.shape[1] if head_input.ndim == 3 else 1,
         "fit_s": fit_seconds,
@@ -98,13 +98,13 @@ def run_probe(backbone: str, probe: str, args: argparse.Namespace, workdir: Path
 
 def markdown(rows: list[dict], args: argparse.Namespace, load: tuple[float, float]) -> str:
     lines = [
-        "| backbone | probe | held-out top-1 | trainable params | head GFLOPs | head input | fit s | test s |",
+        "| backbone | probe | held-out top-1 | trainable params | head MFLOPs | head input | fit s | test s |",
         "|---|---|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
         head_input = f"{r['tokens']} tokens" if r["probe"] != "linear" else "pooled"
         lines.append(
-            f"| {r['backbone']} | {r['probe']} | {r['top1']:.2%} | {r['trainable']:,} | {r['head_gflops']:.6f} | "
+            f"| {r['backbone']} | {r['probe']} | {r['top1']:.2%} | {r['trainable']:,} | {r['head_mflops']:.3f} | "
             f"{head_input} | {r['fit_s']:.0f} | {r['test_s']:.0f} |"
         )
     backbones = {r["backbone"]: r["backbone_gflops"] for r in rows}
@@ -113,7 +113,8 @@ def markdown(rows: list[dict], args: argparse.Namespace, load: tuple[float, floa
         "",
         f"- Backbone GFLOPs per image: {', '.join(f'{k} {v:.4f}' for k, v in backbones.items())}",
         f"- {rows[0]['images']} held-out digits; {args.epochs} epochs; {args.threads} torch thread(s)",
-        f"- Machine: {cpu}, {os.cpu_count()} cores shared with other jobs (load average {load[0]:.1f} -> {load[1]:.1f})",
+        f"- Machine: {cpu}, {os.cpu_count()} cores shared with other jobs "
+        f"(load average {load[0]:.1f} -> {load[1]:.1f})",
         f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
         f"attnzoo {attnzoo.__version__}; {datetime.date.today().isoformat()}",
     ]
@@ -142,7 +143,7 @@ def main() -> None:
                 r = rows[-1]
                 print(
                     f"{backbone} {probe}: top-1 {r['top1']:.2%}, {r['trainable']:,} trainable, "
-                    f"head {r['head_gflops']:.6f} GFLOPs, fit {r['fit_s']:.0f} s, test {r['test_s']:.0f} s",
+                    f"head {r['head_mflops']:.3f} MFLOPs, fit {r['fit_s']:.0f} s, test {r['test_s']:.0f} s",
                     flush=True,
                 )
     table = markdown(rows, args, (load_start, os.getloadavg()[0]))
