@@ -41,7 +41,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from attnzoo.layers import EfficientProbing, SimPool
 
-__all__ = ["PROBES", "FeatureDataset", "ProbedModel", "cache_features", "feature_tokens", "load_probed_model"]
+__all__ = [
+    "PROBES",
+    "FeatureDataset",
+    "ProbedModel",
+    "cache_features",
+    "extract_features",
+    "feature_tokens",
+    "load_probed_model",
+]
 
 PROBES = ("linear", "ep", "simpool", "attentive")
 
