@@ -1,6 +1,6 @@
 """Lightning training recipes: image classification (module, data module, callbacks, samplers, configs, the
-LightningCLI entry point ``attnzoo fit|validate|test|predict``) and COCO detection (:mod:`.detection`:
-``build_detector``, ``ObjectDetector``, ``CocoDataModule``, ``attnzoo detect``).
+LightningCLI entry point ``attnzoo fit|validate|test|predict``; frozen-backbone probing, :mod:`.probe`) and COCO
+detection (:mod:`.detection`: ``build_detector``, ``ObjectDetector``, ``CocoDataModule``, ``attnzoo detect``).
 
 The public classes are importable from here (``from attnzoo.recipes import ImageClassifier, ImageDataModule``); they
 are loaded on first use, so ``import attnzoo.recipes`` alone does not import Lightning.
@@ -16,6 +16,8 @@ _EXPORTS = {
     "ImageClassifier": "module",
     "ImageDataModule": "data",
     "AspectBinDataset": "data",
+    "ProbedModel": "probe",
+    "load_probed_model": "probe",
     "ExportWeights": "callbacks",
     "LoggedLearningRate": "callbacks",
     "PredictionWriter": "callbacks",
