@@ -79,6 +79,11 @@ class AgentSwinTransformer(HierarchicalVisionTransformer):
         gate: optional output gate of every mixer (see :mod:`attnzoo.layers.gate`).
     """
 
+    # why `attnzoo export --dynamic-size` refuses it before tracing (weights.onnx_export.dynamic_size_refusal)
+    dynamic_size_unsupported = (
+        "the window padding, shifts and masks of its window-attention stages are computed from the concrete size"
+    )
+
     def __init__(
         self,
         embed_dim: int = 96,

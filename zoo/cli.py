@@ -38,7 +38,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .weights.convert import convert_checkpoint
 
     weights = convert_checkpoint(args.model, args.src, args.out, num_classes=args.num_classes, img_size=args.img_size)
-    print(f"converted {args.src} for {args.model}: {weights} (load with timm.create_model('local-dir:{args.out}'))")
+    print(
+        f"converted {args.src} for {args.model}: {weights} "
+        f"(load with timm.create_model('local-dir:{args.out}', pretrained=True))"
+    )
     return 0
 
 
@@ -98,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert a checkpoint (official, Hugging Face, exported) into a timm local-dir folder",
         description="Load CHECKPOINT into MODEL through the model's checkpoint filter (official training pickles are "
         "read without executing code) and write OUT/model.safetensors + OUT/config.json, loadable with "
-        "timm.create_model('local-dir:OUT').",
+        "timm.create_model('local-dir:OUT', pretrained=True) (without pretrained=True timm builds random weights).",
     )
     convert.add_argument("--model", required=True, help="registered model name, e.g. nat_tiny")
     convert.add_argument("--src", required=True, metavar="CHECKPOINT", help="checkpoint file or exported folder")

@@ -61,6 +61,9 @@ class NAT(HierarchicalVisionTransformer):
         backend: ``na2d`` backend of every block.
     """
 
+    # why `attnzoo export --dynamic-size` refuses it before tracing (weights.onnx_export.dynamic_size_refusal)
+    dynamic_size_unsupported = "its neighbourhood tiles (and the dilation clamp) are computed from the concrete size"
+
     def __init__(
         self,
         depths: Sequence[int] = (3, 4, 6, 5),
