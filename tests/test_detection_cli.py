@@ -83,7 +83,7 @@ def test_detect_is_listed_in_the_help():
     assert "detect" in build_parser().format_help()
 
 
-def test_predict_without_a_checkpoint_is_refused(tmp_path):
+def test_predict_without_a_checkpoint_is_refused(tmp_path, one_thread):
     ann, images = write_shapes_coco(tmp_path, 1)
     config = tmp_path / "config.yaml"
     config.write_text(textwrap.dedent(CONFIG % {"ann": ann, "images": images, "out": tmp_path / "run"}))

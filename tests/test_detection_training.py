@@ -257,16 +257,6 @@ def test_two_process_gloo_evaluation_equals_one_process(tmp_path):
 
 # ---------------------------------------------------------------- one short training shared by the tests below
 @pytest.fixture(scope="module")
-def one_thread():
-    """The models below are tiny: on a loaded 2-core machine intra-op threads only add synchronisation (a 1-step fit
-    took 15 s with 2 threads, 1 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, one_thread):
     """One epoch (one step) on two images with validation: ``(folder, ann, images, checkpoint)``; the fit wrote
     ``<folder>/results/val_detections_epoch000.json``."""
