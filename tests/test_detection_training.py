@@ -225,7 +225,7 @@ def _validate(tmp_path, name, ann, images, ckpt, *overrides):
     assert result.returncode == 0, result.stderr[-3000:]
     with open(out / "csv" / "version_0" / "metrics.csv") as f:
         row = next(r for r in csv.DictReader(f) if r.get("val/bbox_AP"))
-    detections = json.loads((out / "results" / "val_detections_epoch000.json").read_text())
+    detections = json.loads((out / "results" / "validate_detections_epoch000.json").read_text())
     return row, detections, result.stderr
 
 
@@ -341,7 +341,7 @@ def _plant_links(folder, names, outside):
 
 
 def _untouched(outside):
-    return all(p.read_text() == "not yours" for p in outside.iterdir())
+    return all(p.read_bytes() == b"not yours" for p in outside.iterdir())
 
 
 def test_evaluation_results_never_follow_links_planted_in_their_folder(trained, tmp_path):

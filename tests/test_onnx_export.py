@@ -12,13 +12,7 @@ import torch
 import attnzoo
 from attnzoo.cli import main
 from attnzoo.recipes.export import export_for_timm
-from attnzoo.weights.onnx_export import (
-    MIN_TORCH,
-    dynamic_size_refusal,
-    export_onnx,
-    onnx_export_supported,
-    run_onnx,
-)
+from attnzoo.weights.onnx_export import MIN_TORCH, export_onnx, onnx_export_supported, run_onnx
 
 pytest.importorskip("onnxruntime", reason="the 'onnx' extra (onnx, onnxruntime, onnxscript) is not installed")
 pytestmark = pytest.mark.skipif(not onnx_export_supported(), reason=f"ONNX export needs torch >= {MIN_TORCH}")
@@ -91,6 +85,8 @@ def test_dynamic_size_is_refused_before_tracing_where_counts_or_windows_follow_t
         export_onnx(name, tmp_path / "m.onnx", weights=folder, dynamic_size=True, img_size=64)
     assert not traced and not (tmp_path / "m.onnx").exists()
     if "deit" in name:  # keeping every token is the plain ViT, which exports with a dynamic size
+        from attnzoo.weights.onnx_export import dynamic_size_refusal
+
         keep_all = {"keep_ratio": 1.0} if name.startswith("tokenpool") else {"r": 0}
         assert dynamic_size_refusal(timm.create_model(name, **{**REFUSED_BEFORE_TRACING[name], **keep_all})) is None
 
