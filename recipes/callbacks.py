@@ -249,14 +249,14 @@ class PredictionWriter(BasePredictionWriter):
         top = probs.topk(min(self.top_k, probs.shape[-1]), dim=-1)
         real = prediction.get("is_real")
         target = prediction.get("target")
-        for i, index in enumerate(batch_indices or range(len(probs))):
+        for i, index in enumerate(batch_indices or [None] * len(probs)):  # no indices: neither index nor file
             if real is not None and not bool(real[i]):
                 continue
-            file = self._files[index] if self._files is not None else ""
+            file = self._files[index] if self._files is not None and index is not None else ""
             classes = " ".join(str(c) for c in top.indices[i].tolist())
             values = " ".join(f"{v:.4f}" for v in top.values[i].tolist())
             label = int(target[i]) if target is not None else ""
-            self._rows.append((index, file, label, classes, values))
+            self._rows.append(("" if index is None else index, file, label, classes, values))
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         text = io.StringIO()

@@ -199,35 +199,43 @@ def test_image_sizes_must_match_the_image_files(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools on numpy 2
-def test_segmentations_pycocotools_cannot_read_name_the_annotation(tmp_path):
+def test_segmentations_pycocotools_cannot_read_are_dropped_or_name_the_annotation(tmp_path):
     data, images = _base(tmp_path)
-    polygon = next(a for a in data["annotations"] if isinstance(a["segmentation"], list) and not a["iscrowd"])
+    polygons = [a for a in data["annotations"] if isinstance(a["segmentation"], list) and not a["iscrowd"]]
     rle = next(a for a in data["annotations"] if isinstance(a["segmentation"], dict))
+    good = polygons[0]["segmentation"][0]
+    polygons[0]["segmentation"] = [[1.0, 2.0, 3.0, 4.0], good, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]]  # 2 of 3 bad
+    polygons[1]["segmentation"] = [[1.0, 2.0, float("nan"), 4.0, 5.0, 6.0], []]  # none usable
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm = make_dm(_write(tmp_path, data), images)
+        dm.setup("fit")
+    text = " | ".join(str(w.message) for w in caught)
+    dropped = "1 annotations with polygons of fewer than 3 points, an odd number of coordinates or non-finite numbers"
+    assert f"{dropped}: those polygons dropped (annotation ids {polygons[0]['id']})" in text
+    assert "1 annotations whose polygons all have fewer than 3 points" in text and f"ids {polygons[1]['id']})" in text
+    kept = {a["id"]: a for a in dm.datasets["train"].base.coco.dataset["annotations"]}
+    assert kept[polygons[0]["id"]]["segmentation"] == [good] and polygons[1]["id"] not in kept
+    for index in range(len(dm.datasets["train"])):  # every mask is made (pycocotools crashed here mid-epoch)
+        dm.datasets["train"][index]
+
     broken = {
-        "a polygon of 4 numbers": (polygon, [[1.0, 2.0, 3.0, 4.0]]),
-        "a polygon of 7 numbers": (polygon, [[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]]),
-        "a polygon of 0 numbers": (polygon, [[]]),
-        "not a list of finite numbers": (polygon, [[1.0, 2.0, float("nan"), 4.0, 5.0, 6.0]]),
-        "'counts' string is not compressed RLE": (rle, {**rle["segmentation"], "counts": "zz!!"}),
-        "an RLE of size \\[5, 5\\]": (rle, {**rle["segmentation"], "size": [5, 5]}),
-        "runs cover 0 pixels": (rle, {**rle["segmentation"], "counts": ""}),
+        "'counts' string is not compressed RLE": {**rle["segmentation"], "counts": "zz!!"},
+        "an RLE of size \\[5, 5\\]": {**rle["segmentation"], "size": [5, 5]},
+        "runs cover 0 pixels": {**rle["segmentation"], "counts": ""},
     }
-    for message, (annotation, segmentation) in broken.items():
-        saved = annotation["segmentation"]
-        annotation["segmentation"] = segmentation
-        match = (
-            rf"bad\.json: annotation id {annotation['id']} \(image id {annotation['image_id']}, .*\) has .*{message}"
-        )
+    for message, segmentation in broken.items():
+        saved, rle["segmentation"] = rle["segmentation"], segmentation
+        match = rf"bad\.json: annotation id {rle['id']} \(image id {rle['image_id']}, .*\) has .*{message}"
         with pytest.raises(ValueError, match=match):
             make_dm(_write(tmp_path, data), images).setup("fit")
-        annotation["segmentation"] = saved
-    make_dm(_write(tmp_path, data), images).setup("fit")  # the fixture's polygons and RLEs are all fine
+        rle["segmentation"] = saved
     # unchecked annotations (a predict split reads masks without requiring them) are blamed, not the image
     rle["segmentation"] = {**rle["segmentation"], "counts": "zz!!"}
     dm = make_dm(_write(tmp_path, data), images, predict_ann=str(tmp_path / "bad.json"), predict_images=str(images))
     dm.setup("predict")
     index = dm.datasets["predict"].base.ids.index(rle["image_id"])
-    with pytest.raises(ValueError, match=rf"cannot turn the annotations of image id {rle['image_id']} .*Invalid RLE"):
+    with pytest.raises(ValueError, match=rf"cannot turn the annotations of image id {rle['image_id']} .* into targets"):
         dm.datasets["predict"][index]
 
 

@@ -35,14 +35,15 @@ def onnx_export_supported() -> bool:
 def dynamic_size_refusal(model: torch.nn.Module) -> str | None:
     """Why ``model`` cannot be exported with a symbolic image size, known without tracing it; ``None``: unknown
     (the export then tries). Token reduction (ToMe, PPT, Token Pooling, unless it keeps every token): the number of
-    tokens each block removes is a Python int computed from the export size, so the graph would apply those counts
-    at every size (ToMe at 96x128 from a 224 export: 36% relative L2, 25% top-1 agreement). A model class states its
-    own reason in ``dynamic_size_unsupported``."""
+    tokens each block removes is computed in Python from the token count (clamped, rounded), so a graph traced at
+    one size is only right at that size (ToMe exported at 224 px: 36% relative L2 and 25% top-1 agreement at
+    96x128; Token Pooling fails in the ONNX converter). A model class states its own reason in
+    ``dynamic_size_unsupported``."""
     reducer = getattr(model, "token_reducer", None)
     if reducer is not None and not reducer.is_identity():
         return (
-            f"its token reduction ({reducer.name}) removes a number of tokens per block that is computed from the "
-            "export size, and the graph would keep those counts at every other size"
+            f"its token reduction ({reducer.name}) computes the number of tokens each block removes from the token "
+            "count in Python, so a graph traced at one size is only right at that size"
         )
     return getattr(model, "dynamic_size_unsupported", None)
 

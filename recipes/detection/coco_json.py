@@ -1,11 +1,13 @@
 """Reading and checking COCO-format annotation files before torchvision sees them.
 
 Structural errors (corrupt JSON, missing keys, ids that are not integers, annotations pointing to unknown images or
-categories, missing image files, an image whose ``width``/``height`` differ from its file's, a segmentation pycocotools
-cannot turn into a mask, no annotations at all) raise a ``ValueError`` / ``FileNotFoundError`` naming the file and the
-annotation or image id. Fixable box problems are repaired or skipped with one counted warning per file: boxes partly
-outside the image are clipped to it; boxes with width or height <= 0 (also after clipping), or with non-finite
-numbers, are dropped.
+categories, missing image files, an image whose ``width``/``height`` differ from its file's, an RLE mask pycocotools
+cannot decode at the image's size, no annotations at all) raise a ``ValueError`` / ``FileNotFoundError`` naming the
+file and the annotation or image id. Fixable problems are repaired or skipped with one counted warning per file: boxes
+partly outside the image are clipped to it; boxes with width or height <= 0 (also after clipping), or with non-finite
+numbers, are dropped; when masks are used, polygons pycocotools cannot fill (fewer than 3 points, an odd number of
+coordinates, non-finite numbers) are dropped, and an annotation left without a polygon is skipped (detectron2's
+rule).
 """
 
 from __future__ import annotations
@@ -111,36 +113,35 @@ def _rle_counts(counts: str) -> list[int]:
     return runs
 
 
-def _segmentation_problem(segmentation: Any, width: int, height: int) -> str | None:
-    """Why pycocotools cannot make a ``height x width`` mask of ``segmentation`` (``None``: it can)."""
-    if isinstance(segmentation, list):
-        if not segmentation:
-            return "an empty polygon list"
-        for polygon in segmentation:
-            if not isinstance(polygon, list) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in polygon
-            ):
-                return f"a polygon that is not a list of finite numbers ({str(polygon)[:60]})"
-            if len(polygon) < 6 or len(polygon) % 2:
-                return f"a polygon of {len(polygon)} numbers (a polygon needs x, y pairs of at least 3 points)"
-        return None
-    if isinstance(segmentation, dict):
-        size, counts = segmentation.get("size"), segmentation.get("counts")
-        if size != [height, width]:
-            return f"an RLE of size {size} for a {height}x{width} image (the size must be [height, width])"
-        if isinstance(counts, str):
-            try:
-                runs = _rle_counts(counts)
-            except ValueError as err:
-                return f"an RLE whose 'counts' string is not compressed RLE: {err}"
-        elif isinstance(counts, list) and all(_is_int(c) for c in counts):
-            runs = counts
-        else:
-            return "an RLE whose 'counts' is neither a compressed string nor a list of integers"
-        if any(r < 0 for r in runs) or sum(runs) != width * height:
-            return f"an RLE whose runs cover {sum(runs)} pixels, not the image's {width}x{height} = {width * height}"
-        return None
-    return f"a {type(segmentation).__name__} (expected a list of polygons or an RLE dict)"
+def _usable_polygons(segmentation: list) -> list:
+    """The polygons pycocotools can fill: lists of an even number, at least 6, of finite numbers (3+ points)."""
+    return [
+        polygon
+        for polygon in segmentation
+        if isinstance(polygon, list)
+        and len(polygon) >= 6
+        and len(polygon) % 2 == 0
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in polygon)
+    ]
+
+
+def _rle_problem(rle: dict, width: int, height: int) -> str | None:
+    """Why pycocotools cannot make a ``height x width`` mask of the RLE ``rle`` (``None``: it can)."""
+    size, counts = rle.get("size"), rle.get("counts")
+    if size != [height, width]:
+        return f"an RLE of size {size} for a {height}x{width} image (the size must be [height, width])"
+    if isinstance(counts, str):
+        try:
+            runs = _rle_counts(counts)
+        except ValueError as err:
+            return f"an RLE whose 'counts' string is not compressed RLE: {err}"
+    elif isinstance(counts, list) and all(_is_int(c) for c in counts):
+        runs = counts
+    else:
+        return "an RLE whose 'counts' is neither a compressed string nor a list of integers"
+    if any(r < 0 for r in runs) or sum(runs) != width * height:
+        return f"an RLE whose runs cover {sum(runs)} pixels, not the image's {width}x{height} = {width * height}"
+    return None
 
 
 def check_coco_dict(
@@ -155,8 +156,9 @@ def check_coco_dict(
     every image file exists and has the ``width``/``height`` of its file (read from the header); every annotation
     names a known image and category and has a box (clipped to the image, or dropped with a counted warning when
     empty or invalid) and, with ``require_masks``, a ``segmentation`` that pycocotools can turn into a mask of the
-    image's size (polygons of at least 3 points, or an RLE of the image's size whose runs cover it; crowd annotations
-    may lack one only if they are not used for masks)."""
+    image's size: polygons of at least 3 points (others dropped, an annotation without any skipped, with a counted
+    warning) or an RLE of the image's size whose runs cover it (else an error); crowd annotations may lack one only
+    if they are not used for masks."""
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object with 'images', 'annotations', 'categories'")
     for key in ("images", "categories") + (("annotations",) if require_annotations else ()):
@@ -193,7 +195,7 @@ def check_coco_dict(
             f"{path}: {len(wrong)} image(s) whose 'width' x 'height' differ from the image file's (width x height in "
             f"pixels): {_few(wrong)}; boxes and masks are placed by these sizes, so correct them in the JSON"
         )
-    kept, problems = [], {"clipped": [], "empty": [], "invalid": []}
+    kept, problems = [], {"clipped": [], "empty": [], "invalid": [], "polygons": [], "no_polygon": []}
     for k, ann in enumerate(annotations):
         if not isinstance(ann, dict) or "id" not in ann:
             raise ValueError(f"{path}: annotations[{k}] has no 'id'")
@@ -211,25 +213,43 @@ def check_coco_dict(
             )
         if require_masks and not ann.get("iscrowd", 0) and not ann.get("segmentation"):
             raise ValueError(f"{path}: annotation id {ann['id']} has no 'segmentation' (Mask R-CNN needs masks)")
-        if require_masks and ann.get("segmentation") is not None:
+        segmentation = ann.get("segmentation")
+        if require_masks and segmentation is not None:
             image = images[ann["image_id"]]
-            problem = _segmentation_problem(ann["segmentation"], image["width"], image["height"])
-            if problem is not None:
+            where = f"{path}: annotation id {ann['id']} (image id {ann['image_id']}, {image['file_name']})"
+            if isinstance(segmentation, dict):
+                problem = _rle_problem(segmentation, image["width"], image["height"])
+                if problem is not None:
+                    raise ValueError(f"{where} has {problem}")
+            elif isinstance(segmentation, list):
+                usable = _usable_polygons(segmentation)
+                if len(usable) < len(segmentation):
+                    problems["polygons" if usable else "no_polygon"].append(ann["id"])
+                    if not usable:
+                        continue
+                    segmentation = usable
+            else:
                 raise ValueError(
-                    f"{path}: annotation id {ann['id']} (image id {ann['image_id']}, {image['file_name']}) has "
-                    f"{problem}; a segmentation is a list of polygons [x1, y1, x2, y2, x3, y3, ...] or an RLE "
-                    "{'size': [height, width], 'counts': ...}"
+                    f"{where} has a {type(segmentation).__name__} 'segmentation'; expected a list of polygons "
+                    "[[x1, y1, x2, y2, x3, y3, ...], ...] or an RLE {'size': [height, width], 'counts': ...}"
                 )
         box, problem = _check_box(ann, images[ann["image_id"]])
         if problem is not None:
             problems[problem].append(ann["id"])
         if box is not None:
             area = ann.get("area", box[2] * box[3])  # COCOeval needs the area (box area for box-only files)
-            kept.append({**ann, "bbox": box, "iscrowd": int(ann.get("iscrowd", 0)), "area": area})
+            checked = {**ann, "bbox": box, "iscrowd": int(ann.get("iscrowd", 0)), "area": area}
+            if segmentation is not None:
+                checked["segmentation"] = segmentation
+            kept.append(checked)
     notes = {
         "clipped": "boxes partly outside their image clipped to it",
         "empty": "annotations with width or height <= 0 (after clipping to the image) skipped",
         "invalid": "annotations with a missing or non-finite 'bbox' skipped",
+        "polygons": "annotations with polygons of fewer than 3 points, an odd number of coordinates or non-finite "
+        "numbers: those polygons dropped",
+        "no_polygon": "annotations whose polygons all have fewer than 3 points, an odd number of coordinates or "
+        "non-finite numbers skipped (masks are used)",
     }
     for kind, ids in problems.items():
         if ids:

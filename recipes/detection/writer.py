@@ -88,9 +88,12 @@ class DetectionWriter(BasePredictionWriter):
         if self.render:
             Path(self.render).mkdir(parents=True, exist_ok=True)
 
+    def _with_file_name(self, result: dict[str, Any]) -> dict[str, Any]:
+        file_name = self._files.get(result["image_id"])
+        return result if file_name is None else {**result, "file_name": file_name}
+
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        results = [{**r, "file_name": self._files[r["image_id"]]} if r["image_id"] in self._files else r
-                   for r in prediction["results"]]  # fmt: skip
+        results = [self._with_file_name(r) for r in prediction["results"]]
         self.results.extend(results)
         if not self.render:
             return
@@ -100,8 +103,8 @@ class DetectionWriter(BasePredictionWriter):
             if not bool(is_real):
                 continue
             image_id = int(target["image_id"])
-            picture = render_detections(image, [r for r in results if r["image_id"] == image_id], names,
-                                        self.score_threshold)  # fmt: skip
+            shown = [r for r in results if r["image_id"] == image_id]
+            picture = render_detections(image, shown, names, self.score_threshold)
             png = Path(self.render) / self._pngs.get(image_id, f"image_{image_id}.png")
             atomic_write(png, encode_png(picture).numpy().tobytes())
 
