@@ -44,7 +44,7 @@ from .samplers import (
     RepeatedAugSampler,
     SeededDataset,
     ShardedEvalSampler,
-    check_aspect_ratios,
+    check_aspect_ratio_bins,
     nearest_aspect_bin,
 )
 
@@ -157,7 +157,7 @@ class ImageDataModule(RankAwareDataModule):
             see :func:`image_sizes`) and is cropped to that bin's size (:func:`aspect_bin_size`; the crop ratio
             range ``ratio`` scaled by the bin's ratio; ``augment=False``: the evaluation transform at that size);
             every batch comes from one bin (:class:`~attnzoo.recipes.samplers.AspectRatioBatchSampler`, every image
-            at least once per epoch). ``num_repeats`` must then be 1.
+            at least once per epoch). ``num_repeats`` must then be 1. Ratios lie in ``[1/8, 8]``.
         aspect_ratio_multiple: both sides of a bin's size are multiples of this (the model's total stride).
         num_train_samples, num_eval_samples: keep only the first images of each split (quick runs).
         download: let torchvision datasets download (needs network).
@@ -209,7 +209,7 @@ class ImageDataModule(RankAwareDataModule):
         if num_repeats < 1:
             raise ValueError(f"num_repeats must be >= 1, got {num_repeats}")
         if aspect_ratio_bins is not None:
-            check_aspect_ratios(aspect_ratio_bins, "aspect_ratio_bins", distinct=True)
+            check_aspect_ratio_bins(aspect_ratio_bins)
             if num_repeats != 1:
                 raise ValueError(f"aspect_ratio_bins needs num_repeats=1, got num_repeats={num_repeats}")
         if aspect_ratio_multiple < 1:

@@ -48,7 +48,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .weights.convert import convert_checkpoint
 
     weights = convert_checkpoint(args.model, args.src, args.out, num_classes=args.num_classes, img_size=args.img_size)
-    print(f"converted {args.src} for {args.model}: {weights} (load with timm.create_model('local-dir:{args.out}'))")
+    print(
+        f"converted {args.src} for {args.model}: {weights} "
+        f"(load with timm.create_model('local-dir:{args.out}', pretrained=True))"
+    )
     return 0
 
 
@@ -109,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--config, a recipe weights folder",
         description="With --model: load CHECKPOINT into MODEL through the model's checkpoint filter (official "
         "training pickles are read without executing code) and write OUT/model.safetensors + OUT/config.json, "
-        "loadable with timm.create_model('local-dir:OUT'). With --config: map a released mmdetection checkpoint "
-        "(Mask R-CNN, Cascade Mask R-CNN, RetinaNet) onto the detector of a COCO recipe config and write "
-        "OUT/model.safetensors + OUT/meta.json, loadable with --model.weights OUT.",
+        "loadable with timm.create_model('local-dir:OUT', pretrained=True) (without pretrained=True timm builds "
+        "random weights). With --config: map a released mmdetection checkpoint (Mask R-CNN, Cascade Mask R-CNN, "
+        "RetinaNet) onto the detector of a COCO recipe config and write OUT/model.safetensors + OUT/meta.json, "
+        "loadable with --model.weights OUT.",
     )
     convert.add_argument("--model", default=None, help="registered model name, e.g. nat_tiny")
     convert.add_argument("--config", default=None, help="recipe config, e.g. coco/nat_mini_cascade_mask_rcnn_3x.yaml")

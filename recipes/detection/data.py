@@ -32,7 +32,7 @@ from torchvision.datasets.vision import VisionDataset
 from torchvision.transforms import v2
 
 from ..loaders import LazyIterLoader, RankAwareDataModule
-from ..samplers import AspectRatioBatchSampler, PaddedEvalDataset, ShardedEvalSampler, check_aspect_ratios
+from ..samplers import AspectRatioBatchSampler, PaddedEvalDataset, ShardedEvalSampler, check_aspect_ratio_bins
 from .augment import AUGMENTATIONS, DETR_CROP_SCALES, DETR_CROP_SIZE, train_transform
 from .build import MASK_ARCHS
 from .coco_json import images_folder_as_coco, load_coco_json
@@ -124,10 +124,17 @@ class DetectionDataset(Dataset):
     def _item(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         try:
             image, raw = self.wrapped[index]
-        except (OSError, SyntaxError, ValueError) as err:  # PIL: truncated / unidentified / corrupt files
+        except Exception as err:  # PIL: truncated / unidentified / corrupt files; pycocotools: annotations
             image_id = self.base.ids[index]
             path = os.path.join(self.base.root, self.base.coco.imgs[image_id]["file_name"])
-            raise ValueError(f"cannot read image {path} (image id {image_id}): {err}") from err
+            try:
+                self.base._load_image(image_id)
+            except (OSError, SyntaxError, ValueError) as image_err:
+                raise ValueError(f"cannot read image {path} (image id {image_id}): {image_err}") from err
+            raise ValueError(
+                f"cannot turn the annotations of image id {image_id} ({path}; annotation ids "
+                f"{self.base.coco.getAnnIds(imgIds=image_id)[:10]}) into targets: {type(err).__name__}: {err}"
+            ) from err
         image, target = self.transform(image, self._target(image, raw))
         out = {"image_id": target["image_id"], "boxes": target["boxes"].as_subclass(torch.Tensor).float()}
         out["labels"] = target["labels"]
@@ -188,7 +195,7 @@ class CocoDataModule(RankAwareDataModule):
             a ``crop_scales`` resize, a random crop of ``crop_size`` = ``[min, max]`` pixels per side and a
             ``train_scales`` resize; :mod:`~attnzoo.recipes.detection.augment`).
         aspect_ratio_bins: width/height ratios that group the training batches (each batch has images of one bin;
-            default portrait / landscape); ``None``: one bin.
+            default portrait / landscape; ratios in ``[1/8, 8]``); ``None``: one bin.
         with_masks: load instance masks; ``None``: when the attached model is a (Cascade) Mask R-CNN.
         skip_empty_train: leave training images without (non-crowd) annotations out.
         seed: seed of the batch order and the augmentation (epoch ``e`` uses ``seed + e``).
@@ -244,7 +251,7 @@ class CocoDataModule(RankAwareDataModule):
             if len(crop_size) != 2 or not 1 <= crop_size[0] <= crop_size[1]:
                 raise ValueError(f"crop_size must be [min, max] with 1 <= min <= max, got {list(crop_size)}")
         if aspect_ratio_bins is not None:
-            check_aspect_ratios(aspect_ratio_bins, "aspect_ratio_bins", distinct=True)
+            check_aspect_ratio_bins(aspect_ratio_bins)
         self.save_hyperparameters()
         self.batch_size = batch_size
         if eval_batch_size < 1:
@@ -310,6 +317,12 @@ class CocoDataModule(RankAwareDataModule):
             self._set_categories(data, ann)
         if split == "train" and self.hparams.skip_empty_train:
             used = {a["image_id"] for a in data["annotations"] if not a["iscrowd"]}
+            if not used:
+                raise ValueError(
+                    f"{ann}: no training image has an annotation with iscrowd 0 ({len(data['annotations'])} "
+                    "annotations, all crowd, which training ignores); a training set needs annotations with "
+                    "iscrowd 0 (data.skip_empty_train: true leaves images without them out)"
+                )
             data = {**data, "images": [im for im in data["images"] if im["id"] in used]}
         base = CocoJsonDataset(images, data)
         if split != "train" and ann is not None:

@@ -11,7 +11,6 @@ JSON. Gradient clipping, precision and the strategy are Trainer settings.
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,26 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
+from ..checkpoint_io import atomic_write
 from .build import ARCHS, MASK_ARCHS, build_detector
 from .evaluation import detections_to_coco, evaluate_coco
 from .schedule import WarmupMultiStep, resolve_schedule
 
 __all__ = ["ObjectDetector"]
+
+
+def _category_map(categories: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``[{"id": int, "name": str}, ...]`` in label order (label ``k`` is entry ``k - 1``)."""
+    return [{"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in categories]
+
+
+def _format_map(categories: list[dict[str, Any]] | None, limit: int = 12) -> str:
+    """``{3: 'square', 7: 'disk'}`` (the first ``limit`` entries, then the count)."""
+    if categories is None:
+        return "no categories"
+    items = ", ".join(f"{c['id']}: {c['name']!r}" for c in categories[:limit])
+    more = f", ... ({len(categories)} in all)" if len(categories) > limit else ""
+    return "{" + items + more + "}"
 
 
 class ObjectDetector(pl.LightningModule):
@@ -118,10 +132,15 @@ class ObjectDetector(pl.LightningModule):
         )
         self.iou_types = ("bbox", "segm") if arch in MASK_ARCHS else ("bbox",)
         self.categories: list[dict[str, Any]] = [{"id": k, "name": str(k)} for k in range(1, num_classes + 1)]
+        self._data_categories: list[dict[str, Any]] | None = None  # the annotation files', set by setup()
+        self._map_from_checkpoint = False
+        self._weights_categories: list[dict[str, Any]] | None = None  # the converted weights' map, if they store one
         if weights:
             from attnzoo.weights.dense_convert import load_converted
 
-            self.categories = load_converted(self, weights)
+            converted = load_converted(self, weights)
+            if converted:
+                self.categories = self._weights_categories = _category_map(converted)
         self._results: list[dict[str, Any]] = []
         self._image_ids: list[int] = []
 
@@ -131,27 +150,68 @@ class ObjectDetector(pl.LightningModule):
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
+        """Take the category map (COCO ids and names, in label order) of the annotation files. A checkpoint loaded
+        with ``--ckpt_path`` must have the same map (:meth:`on_load_checkpoint`); without one, the number of
+        categories must be ``model.num_classes`` (checked when the stage starts, once it is known that no checkpoint
+        was loaded)."""
         dm = self.trainer.datamodule
-        data_classes = getattr(dm, "num_classes", None)
-        if data_classes is not None and data_classes != self.hparams.num_classes:
+        self._data_categories = _category_map(dm.categories) if getattr(dm, "categories", None) else None
+        data, converted = self._data_categories, self._weights_categories
+        if data is not None and converted is not None and data != converted:
             raise ValueError(
-                f"the annotations have {data_classes} categories but model.num_classes is "
-                f"{self.hparams.num_classes}; set model.num_classes: {data_classes}"
+                f"model.weights {self.hparams.weights} predicts the categories {_format_map(converted)}, but the "
+                f"annotation files have {_format_map(data)}; evaluate on annotations that list the same categories "
+                "(same COCO ids and names)"
             )
-        if getattr(dm, "categories", None):
-            categories = [{"id": c["id"], "name": str(c.get("name", c["id"]))} for c in dm.categories]
-            if self.hparams.weights and [c["id"] for c in categories] != self.category_ids:
-                raise ValueError(
-                    f"model.weights {self.hparams.weights} predicts the categories {self.category_ids[:10]}..., but "
-                    f"the annotations have {[c['id'] for c in categories][:10]}...; evaluate on the same categories"
-                )
-            self.categories = categories
+        if data is not None:
+            self.categories = data
+        self._map_from_checkpoint = False
+
+    def _check_num_classes(self) -> None:
+        data = self._data_categories
+        if data is None or self._map_from_checkpoint or len(data) == self.hparams.num_classes:
+            return
+        raise ValueError(
+            f"the annotations have {len(data)} categories ({_format_map(data)}) but model.num_classes is "
+            f"{self.hparams.num_classes}; set model.num_classes: {len(data)}"
+        )
+
+    def on_fit_start(self) -> None:
+        self._check_num_classes()
+
+    on_validation_start = on_test_start = on_predict_start = on_fit_start
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["categories"] = self.categories
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.categories = checkpoint.get("categories", self.categories)
+        """Restore the checkpoint's category map, before its weights. ValueError naming both maps when the
+        annotation files of this run have another one (other ids, names, order or number: the labels would mean
+        other categories), and naming the checkpoint's class count when ``model.num_classes`` differs from it."""
+        saved = checkpoint.get("categories")
+        data = self._data_categories
+        if saved is None:  # a checkpoint from elsewhere: only the class count can be compared
+            if data is not None and len(data) != self.hparams.num_classes:
+                raise ValueError(
+                    f"the annotations have {len(data)} categories ({_format_map(data)}) but model.num_classes is "
+                    f"{self.hparams.num_classes}, and the checkpoint stores no category map to compare them with"
+                )
+            return
+        saved = _category_map(saved)
+        if data is not None and saved != data:
+            raise ValueError(
+                f"the annotation files' categories differ from the checkpoint's: the checkpoint was trained with "
+                f"{_format_map(saved)}, the data has {_format_map(data)}. A detector's labels only mean the "
+                "categories it was trained with: evaluate or resume with annotations that list the same categories "
+                "(same COCO ids and names), or train a new model on these ones (without --ckpt_path)"
+            )
+        if len(saved) != self.hparams.num_classes:
+            raise ValueError(
+                f"the checkpoint was trained with {len(saved)} categories ({_format_map(saved)}) but model.num_classes "
+                f"is {self.hparams.num_classes}; set model.num_classes: {len(saved)} to load it"
+            )
+        self.categories = saved
+        self._map_from_checkpoint = True
 
     # ------------------------------------------------------------------ optimization
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
@@ -268,8 +328,12 @@ class ObjectDetector(pl.LightningModule):
         return [i for ids, _ in gathered for i in ids], [r for _, res in gathered for r in res]
 
     def results_path(self, prefix: str) -> Path:
+        """``val_detections_epoch<E>.json`` (validation during ``fit``), ``validate_detections_epoch<E>.json``
+        (``validate``, so it never replaces ``fit``'s file of that epoch) or ``test_detections.json``."""
         folder = Path(self.hparams.results_dir or Path(self.trainer.default_root_dir) / "detections")
-        suffix = f"_epoch{self.current_epoch:03d}" if prefix == "val" else ""
+        if prefix == "val" and self.trainer.state.fn == "validate":
+            prefix = "validate"
+        suffix = f"_epoch{self.current_epoch:03d}" if prefix in ("val", "validate") else ""
         return folder / f"{prefix}_detections{suffix}.json"
 
     def _evaluate(self, prefix: str) -> None:
@@ -280,11 +344,7 @@ class ObjectDetector(pl.LightningModule):
         metrics: dict[str, float] | None = None
         if gathered is not None:
             image_ids, results = gathered
-            path = self.results_path(prefix)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(results))
-            os.replace(tmp, path)
+            path = atomic_write(self.results_path(prefix), json.dumps(results))
             coco_gt = getattr(self.trainer.datamodule, "coco_gt", {}).get(split)
             if coco_gt is None:
                 raise ValueError(f"the datamodule has no COCO ground truth for the {split} split (coco_gt[{split!r}])")
