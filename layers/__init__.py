@@ -5,9 +5,12 @@ from .attention import Attention
 from .backbone import HierarchicalVisionTransformer, Stage, build_stages
 from .block import ConvPosEnc, TransformerBlock
 from .downsample import ConvDownsample, PatchMerging
-from .gate import GATE_MODES, OutputGate, create_gate, gate_output
+from .efficient_probing import EfficientProbing
+from .gate import GATE_MODES, GATES, OutputGate, create_gate, gate_output
 from .mixer import MapTokenMixer, check_no_attn_mask, create_mixer, get_mixer, list_mixers, register_mixer
+from .moh import MoHGate, check_moh_args, moh_balance_loss
 from .neighborhood_attention import NeighborhoodAttention2d
+from .pool_head import ATTENTION_POOL_TYPES, AttentionPoolClassifierHead, SimPoolClassifierHead, create_attention_pool
 from .pooling_mixer import PoolingMixer
 from .ppt import PPTReducer, ppt_policy, prune_by_importance
 from .reduction_patch import (
@@ -27,7 +30,7 @@ from .reduction_patch import (
     remove_token_reduction,
 )
 from .routing_attention import BiLevelRoutingAttention, GlobalAttentionLePE
-from .simpool import SimPool, SimPoolClassifierHead
+from .simpool import SimPool
 from .stem import ConvStem, OverlapPatchEmbed
 from .token_merging import (
     MergePlan,
@@ -43,12 +46,17 @@ from .token_merging import (
 from .token_pooling import TokenPoolingReducer, pool_tokens, weighted_kmedoids
 from .token_reduction import BlockAttention, Reduction, TokenReducer, restore_tokens
 from .vit_intermediates import BlockLoop, vit_forward_intermediates
+from .vit_pool import AttentionPoolViTMixin, ZooVisionTransformer
 from .window_attention import WindowAttention2d
 
 __all__ = [
+    "ATTENTION_POOL_TYPES",
+    "GATES",
     "GATE_MODES",
     "REDUCTION_METHODS",
     "AgentAttention",
+    "AttentionPoolClassifierHead",
+    "AttentionPoolViTMixin",
     "Attention",
     "BiLevelRoutingAttention",
     "BlockAttention",
@@ -56,11 +64,13 @@ __all__ = [
     "ConvDownsample",
     "ConvPosEnc",
     "ConvStem",
+    "EfficientProbing",
     "GlobalAttentionLePE",
     "HierarchicalVisionTransformer",
     "MapTokenMixer",
     "MergePlan",
     "MergedTokens",
+    "MoHGate",
     "NeighborhoodAttention2d",
     "OutputGate",
     "OverlapPatchEmbed",
@@ -83,12 +93,15 @@ __all__ = [
     "TokenReductionVisionTransformer",
     "TransformerBlock",
     "WindowAttention2d",
+    "ZooVisionTransformer",
     "apply_token_merging",
     "apply_token_reduction",
     "bipartite_soft_matching",
     "build_stages",
+    "check_moh_args",
     "check_no_attn_mask",
     "convert_agent_biases",
+    "create_attention_pool",
     "create_gate",
     "create_mixer",
     "create_token_reducer",
@@ -98,6 +111,7 @@ __all__ = [
     "merge_schedule",
     "merge_token_map",
     "merge_tokens",
+    "moh_balance_loss",
     "pool_tokens",
     "ppt_policy",
     "proportional_attention_mask",

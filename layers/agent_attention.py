@@ -99,7 +99,9 @@ class AgentAttention(nn.Module):
         num_prefix_tokens: leading (class) tokens of token inputs; they need the token layout and ``feat_size``.
         qkv_bias: bias of the fused ``qkv`` projection (and of the gate).
         proj_bias: bias of the output projection.
-        gate: output gate on the pre-projection output, ``"none"``, ``"headwise"`` or ``"elementwise"``.
+        gate: output gate on the pre-projection output, ``"none"``, ``"headwise"``, ``"elementwise"`` or ``"moh"``.
+        moh_topk, moh_shared_heads: routed heads active per token and always-active heads of ``gate="moh"``
+            (mixture-of-head routing, :class:`~attnzoo.layers.MoHGate`).
         attn_drop: dropout on both attention maps (training only).
         proj_drop: dropout after the output projection.
     """
@@ -115,6 +117,8 @@ class AgentAttention(nn.Module):
         qkv_bias: bool = True,
         proj_bias: bool = True,
         gate: str = "none",
+        moh_topk: int | None = None,
+        moh_shared_heads: int = 0,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         device=None,
@@ -158,7 +162,16 @@ class AgentAttention(nn.Module):
         else:
             self.register_parameter("ac_bias", None)
             self.register_parameter("ca_bias", None)
-        self.gate = create_gate(gate, dim, num_heads, self.head_dim, bias=qkv_bias, **dd)
+        self.gate = create_gate(
+            gate,
+            dim,
+            num_heads,
+            self.head_dim,
+            bias=qkv_bias,
+            moh_topk=moh_topk,
+            moh_shared_heads=moh_shared_heads,
+            **dd,
+        )
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self._bias_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -22,7 +22,7 @@ from timm.layers import (
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
-from .simpool import SimPoolClassifierHead
+from .pool_head import ATTENTION_POOL_TYPES, AttentionPoolClassifierHead
 
 BlockFactory = Callable[[int, int, float], nn.Module]
 """``make_block(stage_index, block_index, drop_path) -> block``."""
@@ -76,7 +76,8 @@ class HierarchicalVisionTransformer(nn.Module):
             ``forward_intermediates`` / ``features_only`` return, never to the input of the next stage (the output
             norms of the official detection / segmentation backbones; ``None``: none).
         num_classes, global_pool, drop_rate: classifier head (timm ``ClassifierHead`` on NHWC maps;
-            ``global_pool="simpool"``: SimPool attention pooling, :class:`attnzoo.layers.SimPoolClassifierHead`);
+            ``global_pool="simpool"`` / ``"ep"``: SimPool / efficient-probing attention pooling,
+            :class:`attnzoo.layers.AttentionPoolClassifierHead`);
             ``reset_classifier`` switches between all of them.
 
     ``forward_features`` returns an NHWC map (``output_fmt = "NHWC"``); ``forward_intermediates`` returns stage
@@ -119,7 +120,7 @@ class HierarchicalVisionTransformer(nn.Module):
             self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f"stages.{i}"))
         self.norm = norm_layer(self.num_features, **dd) if norm_layer is not None else nn.Identity()
         self.out_norms = nn.ModuleList([out_norm_layer(dim, **dd) for dim in dims] if out_norm_layer else [])
-        head_layer = SimPoolClassifierHead if global_pool == "simpool" else ClassifierHead
+        head_layer = AttentionPoolClassifierHead if global_pool in ATTENTION_POOL_TYPES else ClassifierHead
         self.head = head_layer(
             self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC", **dd
         )
@@ -167,10 +168,11 @@ class HierarchicalVisionTransformer(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
-        if global_pool == "simpool" and not isinstance(self.head, SimPoolClassifierHead):
-            self.head = SimPoolClassifierHead(
+        if global_pool in ATTENTION_POOL_TYPES and not isinstance(self.head, AttentionPoolClassifierHead):
+            self.head = AttentionPoolClassifierHead(
                 self.num_features,
                 num_classes,
+                pool_type=global_pool,
                 drop_rate=self.drop_rate,
                 input_fmt="NHWC",
                 **get_device_dtype(self),

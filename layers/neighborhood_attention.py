@@ -40,7 +40,9 @@ class NeighborhoodAttention2d(MapTokenMixer):
         qkv_bias: bias of the fused ``qkv`` projection (and of the gate).
         proj_bias: bias of the output projection.
         rpb: learn a relative position bias table (NAT / DiNAT: yes).
-        gate: output gate, ``"none"``, ``"headwise"`` or ``"elementwise"`` (see :mod:`attnzoo.layers.gate`).
+        gate: output gate, ``"none"``, ``"headwise"``, ``"elementwise"`` or ``"moh"`` (see :mod:`attnzoo.layers.gate`).
+        moh_topk, moh_shared_heads: routed heads active per token and always-active heads of ``gate="moh"``
+            (mixture-of-head routing, :class:`~attnzoo.layers.MoHGate`).
         proj_drop: dropout after the output projection.
         backend: kernel backend of :func:`~attnzoo.kernels.neighborhood.na2d` (``"auto"``, ``"triton"``,
             ``"reference"``). TorchScript always runs the reference.
@@ -64,6 +66,8 @@ class NeighborhoodAttention2d(MapTokenMixer):
         proj_bias: bool = True,
         rpb: bool = True,
         gate: str = "none",
+        moh_topk: int | None = None,
+        moh_shared_heads: int = 0,
         proj_drop: float = 0.0,
         backend: str = "auto",
         small_maps: str = "clamp",
@@ -87,7 +91,16 @@ class NeighborhoodAttention2d(MapTokenMixer):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
         k0, k1 = self.kernel_size
         self.rpb = nn.Parameter(torch.empty(num_heads, 2 * k0 - 1, 2 * k1 - 1, **dd)) if rpb else None
-        self.gate = create_gate(gate, dim, num_heads, self.head_dim, bias=qkv_bias, **dd)
+        self.gate = create_gate(
+            gate,
+            dim,
+            num_heads,
+            self.head_dim,
+            bias=qkv_bias,
+            moh_topk=moh_topk,
+            moh_shared_heads=moh_shared_heads,
+            **dd,
+        )
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.reset_parameters()

@@ -92,7 +92,9 @@ class WindowAttention2d(MapTokenMixer):
         shift_size: cyclic shift of the windows (int or ``(h, w)``), ``0 <= shift_size < window_size`` per axis.
         qkv_bias: bias of the fused ``qkv`` projection (and of the gate).
         proj_bias: bias of the output projection.
-        gate: output gate, ``"none"``, ``"headwise"`` or ``"elementwise"`` (see :mod:`attnzoo.layers.gate`).
+        gate: output gate, ``"none"``, ``"headwise"``, ``"elementwise"`` or ``"moh"`` (see :mod:`attnzoo.layers.gate`).
+        moh_topk, moh_shared_heads: routed heads active per token and always-active heads of ``gate="moh"``
+            (mixture-of-head routing, :class:`~attnzoo.layers.MoHGate`).
         attn_drop: dropout on the attention weights (training only).
         proj_drop: dropout after the output projection.
         clamp_window: ``True``: a map side not larger than the window gets one unshifted window covering it;
@@ -110,6 +112,8 @@ class WindowAttention2d(MapTokenMixer):
         qkv_bias: bool = True,
         proj_bias: bool = True,
         gate: str = "none",
+        moh_topk: int | None = None,
+        moh_shared_heads: int = 0,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         clamp_window: bool = True,
@@ -151,7 +155,16 @@ class WindowAttention2d(MapTokenMixer):
             persistent=False,
         )
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
-        self.gate = create_gate(gate, dim, num_heads, self.head_dim, bias=qkv_bias, **dd)
+        self.gate = create_gate(
+            gate,
+            dim,
+            num_heads,
+            self.head_dim,
+            bias=qkv_bias,
+            moh_topk=moh_topk,
+            moh_shared_heads=moh_shared_heads,
+            **dd,
+        )
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.reset_parameters()

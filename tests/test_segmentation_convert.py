@@ -1,12 +1,13 @@
 """Released mmseg checkpoints: a UperNet / Semantic FPN checkpoint in mmseg's layout (written here, with the official
 NAT backbone keys) converts key for key and gives the logits of the same weights loaded by hand; bad checkpoints are
-errors naming the keys; ``SemanticSegmenter(weights=...)`` loads a converted folder strictly."""
+errors naming the keys; ``attnzoo convert --config`` writes the folder that ``SemanticSegmenter(weights=...)`` loads."""
 
 import pytest
 import torch
-from safetensors.torch import save_file
+import yaml
 from test_nat import _official_state_dict  # official NAT key layout (NAT:classification/nat.py)
 
+from attnzoo.cli import main
 from attnzoo.nat import checkpoint_filter_fn
 from attnzoo.recipes.segmentation import SemanticSegmenter
 from attnzoo.weights.io import load_state_dict_file
@@ -74,24 +75,37 @@ def _by_hand(module, state) -> None:
 
 
 @pytest.mark.parametrize("decoder", ["upernet", "fpn"])
-def test_mmseg_checkpoint_converts_to_identical_logits(decoder, tmp_path):
+def test_mmseg_checkpoint_converts_to_identical_logits(decoder, tmp_path, capsys):
     torch.manual_seed(0)
     reference = _module(decoder)
     state = _mmseg_checkpoint(reference)
     torch.save({"meta": {"CLASSES": list("abcd")}, "state_dict": state}, tmp_path / "iter_160000.pth")
-    read = load_state_dict_file(tmp_path / "iter_160000.pth")
     converted = _module(decoder)
-    mapped = map_state_dict(converted, read)
-    converted.load_state_dict(mapped, strict=True)
+    converted.load_state_dict(map_state_dict(converted, load_state_dict_file(tmp_path / "iter_160000.pth")))
     _by_hand(reference, state)
     images = torch.rand(2, 3, 70, 90, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        torch.testing.assert_close(converted.eval()(images), reference.eval()(images), rtol=0, atol=0)
-    # the converted weights as a folder: SemanticSegmenter(weights=...) loads them strictly
-    save_file({k: v.contiguous() for k, v in mapped.items()}, str(tmp_path / "model.safetensors"))
-    loaded = _module(decoder, weights=str(tmp_path))
+        expected = reference.eval()(images)
+        torch.testing.assert_close(converted.eval()(images), expected, rtol=0, atol=0)
+    # attnzoo convert --config <recipe yaml>: the folder that --model.weights loads
+    model = {k: v for k, v in _module(decoder).hparams.items() if k in ("decoder", "backbone", "num_classes")}
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump({"model": {**model, "backbone_kwargs": KWARGS, "channels": 16, "fpn_channels": 16}})
+    )
+    argv = [
+        "convert",
+        "--config",
+        str(config),
+        "--src",
+        str(tmp_path / "iter_160000.pth"),
+        "--out",
+        str(tmp_path / "w"),
+    ]
+    assert main(argv) == 0 and "evaluate with --model.weights" in capsys.readouterr().out
+    loaded = _module(decoder, weights=str(tmp_path / "w"))
     with torch.no_grad():
-        torch.testing.assert_close(loaded.eval()(images), reference(images), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.eval()(images), expected, rtol=0, atol=0)
 
 
 def test_bad_mmseg_checkpoints_name_the_keys(tmp_path):
@@ -113,6 +127,3 @@ def test_bad_mmseg_checkpoints_name_the_keys(tmp_path):
         map_state_dict(_module("upernet", num_classes=3), state)
     with pytest.raises(ValueError, match="checkpoint does not fit the nat_mini downstream backbone"):
         map_state_dict(module, {k: v for k, v in state.items() if k != "backbone.norm3.bias"})
-    save_file({"model.decode_head.conv_seg.bias": torch.zeros(4)}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"model.weights .* does not fit this model .* missing"):
-        _module("upernet", weights=str(tmp_path))

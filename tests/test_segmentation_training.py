@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from PIL import Image
 
 from attnzoo.recipes.checkpoint_io import AtomicCheckpointIO
+from attnzoo.recipes.param_groups import dense_param_groups
 from attnzoo.recipes.segmentation import SegmentationDataModule, SemanticSegmenter
 from attnzoo.recipes.segmentation.cli import main
 from attnzoo.recipes.segmentation.demo import write_digit_masks
@@ -65,18 +66,27 @@ class StepLosses(Callback):
 
 
 def test_loss_falls_and_the_metrics_are_written(scenes, tmp_path):
-    model = make_model(results_dir=str(tmp_path / "metrics"), no_decay_keys=["rpb"], lr=1e-2, max_iters=16)
+    model = make_model(results_dir=str(tmp_path / "metrics"), no_decay_keys=["rpb", "norm"], lr=1e-2, max_iters=16)
     losses = StepLosses()
     trainer = make_trainer(tmp_path, 16, [losses], limit_val_batches=0, enable_checkpointing=False)
     trainer.fit(model, datamodule=make_data(scenes))
     first, last = sum(losses.losses[:3]) / 3, sum(losses.losses[-3:]) / 3
     assert last < 0.7 * first, losses.losses
+    # mmcv's custom_keys rule: no decay where the name holds a key, decay on everything else (BatchNorm and biases)
     groups = {id(p): g for g in trainer.optimizers[0].param_groups for p in g["params"]}
-    inner = model.model.backbone.body.model
-    assert groups[id(inner.stages[0].blocks[0].attn.rpb)]["weight_decay"] == 0.0  # no_weight_decay + no_decay_keys
-    assert groups[id(inner.stages[0].blocks[0].attn.qkv.weight)]["weight_decay"] == 0.01
-    assert groups[id(model.model.decode_head.bottleneck.bn.weight)]["weight_decay"] == 0.0
-    assert groups[id(model.model.decode_head.bottleneck.conv.weight)]["weight_decay"] == 0.01
+    inner, head = model.model.backbone.body.model, model.model.decode_head
+    block = inner.stages[0].blocks[0]
+    assert groups[id(block.attn.rpb)]["weight_decay"] == groups[id(block.norm1.weight)]["weight_decay"] == 0.0
+    assert groups[id(block.attn.qkv.weight)]["weight_decay"] == groups[id(head.bottleneck.bn.weight)]["weight_decay"]
+    assert groups[id(head.conv_seg.bias)]["weight_decay"] == 0.01 and len(trainer.optimizers[0].param_groups) == 2
+    # timm's rule (no_decay_keys None): none on 1-D parameters and the backbone's no_weight_decay() tables
+    timm_groups = {id(p): g for g in dense_param_groups(model.model, inner, 1e-3, 0.01) for p in g["params"]}
+    assert (
+        timm_groups[id(block.attn.rpb)]["weight_decay"]
+        == timm_groups[id(head.bottleneck.bn.weight)]["weight_decay"]
+        == 0
+    )
+    assert timm_groups[id(block.attn.qkv.weight)]["weight_decay"] == 0.01
     # mmseg's averaging: over all pixels, ignored ones included, or over the labelled ones (avg_non_ignore)
     logits, masks = torch.randn(1, 11, 4, 4), torch.randint(0, 11, (1, 4, 4))
     masks[0, 0] = 255

@@ -14,8 +14,9 @@ Two kinds of models are handled, told apart by the rank of ``forward_features``'
 Structural checks run on the meta device (no weights allocated, cheap for every size); numerical checks run on CPU at
 small input sizes chosen like timm's ``_get_input_size`` (honouring ``fixed_input_size`` / ``min_input_size``).
 Documented exclusion: a model class with ``supports_torchscript = False`` (its docstring says why) skips the TorchScript
-check. Beyond timm's checks: hierarchical models switch their head to SimPool and back (``reset_classifier``, on the
-meta device), and plain ViTs take image sides that are not multiples of their patch.
+check. Beyond timm's checks: every model switches its head to attention pooling (SimPool, efficient probing) and
+back (``reset_classifier``, on the meta device), and plain ViTs take image sides that are not multiples of their
+patch.
 
 The two most expensive dynamic checks — the prune contract and ``torch.compile`` — run on one representative per
 architecture, the smallest size (``nat_tiny`` shares every code path of ``nat_mini`` but depth and width; models at
@@ -310,18 +311,20 @@ def test_model_default_cfgs(model_name):
     outputs = model(input_tensor)
     assert outputs.shape == pre_logits.shape, f"reset_classifier(0) output {tuple(outputs.shape)} != pre_logits"
 
+    # every model switches its head to attention pooling (SimPool, efficient probing) and back to its own pooling
+    own_pool = model.global_pool
+    for attention_pool in ("simpool", "ep"):
+        model.reset_classifier(3, attention_pool)
+        assert model(input_tensor).shape == (batch_size, 3), f"reset_classifier(3, {attention_pool!r}) output shape"
+    model.reset_classifier(0, own_pool)
+    assert model(input_tensor).shape == pre_logits.shape, f"reset_classifier(0, {own_pool!r}) after attention pooling"
+
     if is_map:
         # w/o classifier and pooling the output is the unpooled map
         model.reset_classifier(0, "")
         outputs = model(input_tensor)
         assert outputs.ndim == 4, f"reset_classifier(0, '') output {tuple(outputs.shape)} is not a map"
         assert tuple(outputs.shape[a] for a in spatial_axis) == tuple(pool_size)
-
-        # every hierarchical model switches to SimPool attention pooling and back
-        model.reset_classifier(3, "simpool")
-        assert model(input_tensor).shape == (batch_size, 3), "reset_classifier(3, 'simpool') output shape"
-        model.reset_classifier(3, "avg")
-        assert model(input_tensor).shape == (batch_size, 3), "reset_classifier(3, 'avg') after simpool"
 
     # classifier (and pooling) removed through the constructor
     model = _meta_model(model_name, num_classes=0)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,18 @@ def load_source(
     return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs).eval()
 
 
+def _new_folder(parent: Path, prefix: str) -> Path:
+    """A new empty folder ``<parent>/<prefix><random>.tmp`` with the umask's permissions (``tempfile.mkdtemp``
+    would make it 0700, and the folder is renamed into the user's output)."""
+    while True:
+        folder = parent / f"{prefix}{secrets.token_hex(6)}.tmp"
+        try:
+            folder.mkdir(mode=0o777)
+            return folder
+        except FileExistsError:
+            continue
+
+
 def convert_checkpoint(
     model_name: str,
     src: str | os.PathLike,
@@ -58,20 +70,26 @@ def convert_checkpoint(
     num_classes: int | None = None,
     img_size: int | None = None,
 ) -> Path:
-    """Convert ``src`` for ``model_name`` into the folder ``out`` (created; refused if it exists and is not empty).
+    """Convert ``src`` for ``model_name`` into the folder ``out`` (created with the umask's permissions; refused if it
+    exists and is not empty, or is a symbolic link).
 
     Returns the path of the written ``model.safetensors``.
     """
     from attnzoo.recipes.export import export_for_timm
 
     out = Path(out)
+    if out.is_symlink():
+        raise ValueError(
+            f"--out {out} is a symbolic link (to {os.readlink(out)}); the converted folder is renamed into place, "
+            "which would replace the link: pass a new folder path (or the link's target, if it is an empty folder)"
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty folder; choose a new output folder")
     model_kwargs = {"img_size": img_size} if img_size is not None else {}
     model = load_source(model_name, src, num_classes=num_classes, **model_kwargs)
     data_config = timm.data.resolve_data_config(model=model)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    staging = _new_folder(out.parent, f".{out.name}.")
     try:
         export_for_timm(model, staging, data_config=data_config, model_args=model_kwargs or None)
         reloaded = timm.create_model(f"local-dir:{staging}", pretrained=True)

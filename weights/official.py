@@ -27,7 +27,7 @@ from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 from tqdm import tqdm
 
 from .downstream import filter_without_new_norms, new_output_norm_keys
-from .io import unwrap_state_dict
+from .io import is_safetensors_file, unwrap_state_dict
 from .restricted_unpickler import restricted_torch_load
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".tar", ".safetensors")
@@ -131,7 +131,7 @@ def read_official_checkpoint(
     """
     path = fetch_checkpoint(url_or_path, sha256=sha256, model=model)
     try:
-        if path.endswith(".safetensors"):
+        if is_safetensors_file(path):  # by content: a safetensors file named .pth is still one
             from safetensors.torch import load_file
 
             return load_file(path)
@@ -200,7 +200,10 @@ def build_model_with_official_weights(model_cls: type[nn.Module], variant: str, 
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"), pretrained_cfg_overlay=overlay)
     name = f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture
-    state_dict = read_official_checkpoint(source, model=name)
+    path = fetch_checkpoint(source, model=name)
+    state_dict = read_official_checkpoint(path, model=name)
+    if path != source:  # a download: errors name the cached file, which is what to delete or replace
+        source = f"{path} (the cached download of {source}; delete it to download again)"
     overlay["state_dict"] = dict(state_dict)  # filters may edit the dict they get
     filter_fn = kwargs.get("pretrained_filter_fn")
     try:

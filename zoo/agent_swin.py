@@ -95,6 +95,11 @@ class AgentSwinTransformer(HierarchicalVisionTransformer):
             Swin region mask; see :class:`~attnzoo.layers.WindowAttention2d`).
     """
 
+    # why `attnzoo export --dynamic-size` refuses it before tracing (weights.onnx_export.dynamic_size_refusal)
+    dynamic_size_unsupported = (
+        "the window padding, shifts and masks of its window-attention stages are computed from the concrete size"
+    )
+
     def __init__(
         self,
         embed_dim: int = 96,

@@ -98,6 +98,9 @@ class BiFormer(HierarchicalVisionTransformer):
             ``features_only`` return and not fed to the next stage (official ``extra_norms``).
     """
 
+    # why `attnzoo export --dynamic-size` refuses it before tracing (weights.onnx_export.dynamic_size_refusal)
+    dynamic_size_unsupported = "the padding of its routing regions is computed from the concrete size"
+
     def __init__(
         self,
         depths: Sequence[int] = (2, 2, 8, 2),

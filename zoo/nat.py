@@ -74,6 +74,9 @@ class NAT(HierarchicalVisionTransformer):
             ``features_only`` return and not fed to the next stage (the official downstream backbones' ``norm{i}``).
     """
 
+    # why `attnzoo export --dynamic-size` refuses it before tracing (weights.onnx_export.dynamic_size_refusal)
+    dynamic_size_unsupported = "its neighbourhood tiles (and the dilation clamp) are computed from the concrete size"
+
     def __init__(
         self,
         depths: Sequence[int] = (3, 4, 6, 5),

@@ -141,15 +141,22 @@ def _freeze(module: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-EXTRA_LEVELS = {"maxpool": 1, "p6p7": 2, None: 0}  # pyramid levels each ``extra`` adds above the last map
+EXTRA_LEVELS = {"maxpool": 1, "p6p7": 2, "p6p7_on_input": 2, None: 0}  # levels added above the last map
 
 
 def _extra_block(extra: str | None, in_channels: int, out_channels: int) -> ExtraFPNBlock | None:
     """The levels above the last map: a stride-2 max-pool of it (``"maxpool"``), P6/P7 convolutions on the last
-    backbone map (``"p6p7"``; on the pyramid's last level when ``in_channels == out_channels``) or none (``None``)."""
+    backbone map (``"p6p7"``: torchvision's, on the pyramid's last level when ``in_channels == out_channels`` and a
+    ReLU before P7) or mmdet's (``"p6p7_on_input"``: always on the backbone map, no ReLU), or none (``None``)."""
     if extra is None:
         return None
-    return LastLevelMaxPool() if extra == "maxpool" else LastLevelP6P7(in_channels, out_channels)
+    if extra == "maxpool":
+        return LastLevelMaxPool()
+    if extra == "p6p7_on_input":
+        from .mmdet_ops import LastLevelP6P7OnInput
+
+        return LastLevelP6P7OnInput(in_channels, out_channels)
+    return LastLevelP6P7(in_channels, out_channels)
 
 
 class _TimmBody(nn.Module):
@@ -329,12 +336,12 @@ def build_backbone(
     **model_kwargs,
 ) -> FeatureBackbone | ViTDetBackbone:
     """Backbone + pyramid for timm model ``name`` (``extra``: ``"maxpool"`` adds a stride-2x level by max-pooling,
-    ``"p6p7"`` two conv levels, ``None`` none); levels with stride < ``min_stride`` are left out.
-    ``fpn_channels=None``: a hierarchical model's stage maps without FPN (a plain ViT's simple pyramid keeps the
+    ``"p6p7"`` / ``"p6p7_on_input"`` two conv levels, ``None`` none); levels with stride < ``min_stride`` are left
+    out. ``fpn_channels=None``: a hierarchical model's stage maps without FPN (a plain ViT's simple pyramid keeps the
     ViT's width). ``pretrained``: ``True`` loads the model's cfg weights, a path loads a classification checkpoint
     or exported folder (classifier dropped)."""
     if extra not in EXTRA_LEVELS:
-        raise ValueError(f"extra must be 'maxpool', 'p6p7' or None, got {extra!r}")
+        raise ValueError(f"extra must be 'maxpool', 'p6p7', 'p6p7_on_input' or None, got {extra!r}")
     if fpn_channels is not None and fpn_channels < 1:
         raise ValueError(f"fpn_channels must be positive or None, got {fpn_channels}")
     if not timm.is_model(name):
@@ -348,7 +355,11 @@ def build_backbone(
         plain = is_plain_vit(name, **model_kwargs)
         indices: int | tuple[int, ...] = 1 if plain else tuple(out_indices)
         body = timm.create_model(
-            name, pretrained=pretrained is True, features_only=True, feature_cls="getter", out_indices=indices,
+            name,
+            pretrained=pretrained is True,
+            features_only=True,
+            feature_cls="getter",
+            out_indices=indices,
             **model_kwargs,
         )
     except TypeError as err:

@@ -1,7 +1,8 @@
 """``SemanticSegmenter``: a LightningModule training and evaluating UperNet / Semantic FPN on a zoo backbone.
 
-Training as the papers' mmseg configs: AdamW with parameter groups (no weight decay on norms, biases, the backbone's
-``no_weight_decay()`` tables and names containing ``no_decay_keys``), an iteration schedule (poly or cosine) with
+Training as the papers' mmseg configs: AdamW with parameter groups (mmcv's rule with ``no_decay_keys``: no weight decay
+on names containing a key; otherwise timm's: none on norms, biases and the backbone's ``no_weight_decay()`` tables),
+an iteration schedule (poly or cosine) with
 linear warm-up, cross-entropy with ``ignore_index`` on logits resized to the label size (averaged over all pixels,
 ignored ones included, as mmseg's default, unless ``avg_non_ignore``), plus the auxiliary head's loss times
 ``aux_weight``. Evaluation accumulates one confusion matrix over the whole set, sums it across ranks, logs
@@ -24,43 +25,14 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ..param_groups import dense_param_groups
+from ..param_groups import dense_param_groups, keyword_param_groups
 from .build import DECODERS, build_segmenter
 from .heads import resize
 from .inference import MODES, segment_image
 from .metrics import confusion_matrix, segmentation_metrics
 from .schedule import IterationSchedule
 
-__all__ = ["SemanticSegmenter", "load_segmenter_weights"]
-
-WEIGHTS_NAME = "model.safetensors"
-
-
-def load_segmenter_weights(module: torch.nn.Module, folder: str | os.PathLike) -> None:
-    """Load ``<folder>/model.safetensors`` (e.g. a released mmseg checkpoint converted by ``attnzoo convert``) into
-    ``module`` strictly: a ``ValueError`` names missing, unexpected and mis-shaped keys."""
-    from safetensors.torch import load_file
-
-    path = Path(folder)
-    path = path / WEIGHTS_NAME if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"model.weights: no {WEIGHTS_NAME} in {folder}")
-    state = load_file(str(path))
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"model.weights {path} does not fit this model (decoder, backbone, backbone_kwargs, num_classes?): "
-            f"{len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, "
-            f"{len(shapes)} of another shape {shapes[:3]}"
-        )
-    module.load_state_dict(state, strict=True)
+__all__ = ["SemanticSegmenter"]
 
 
 class SemanticSegmenter(pl.LightningModule):
@@ -73,15 +45,17 @@ class SemanticSegmenter(pl.LightningModule):
         pretrained_backbone: ``True`` (cfg weights) or a classification checkpoint / exported folder.
         backbone_kwargs: ``timm.create_model`` arguments (``drop_path_rate``, the downstream options...).
         out_indices, channels, fpn_channels, aux_head, dropout: see :func:`~.build.build_segmenter`.
-        weights: a folder (or file) with ``model.safetensors`` of this module's whole state (a converted released
-            checkpoint), loaded strictly after building.
+        weights: a folder written by ``attnzoo convert --config <this config> --src <released mmseg checkpoint>``
+            (``model.safetensors`` + ``meta.json``), loaded strictly after building.
         aux_weight: weight of the auxiliary head's loss (0.4).
         ignore_index: label left out of the loss and the metrics; ``avg_non_ignore``: average the loss over the
             labelled pixels only (mmseg's default, ``False``, averages over all pixels); ``class_weight``: per-class
             loss weights (mmseg's ``CrossEntropyLoss(class_weight=...)``; the average still counts pixels).
         lr, weight_decay, betas: AdamW; ``backbone_lr_mult``, ``layer_decay``: backbone lr multiplier and layer-wise
-            decay (``None``: off); ``no_decay_keys``: names (substrings) without weight decay, besides norms, biases
-            and the backbone's ``no_weight_decay()``.
+            decay (``None``: off).
+        no_decay_keys: mmcv's ``paramwise_cfg.custom_keys`` with ``decay_mult=0`` (the official configs): no weight
+            decay on parameters whose name contains a key, decay on all others (``[]``: decay everywhere). ``None``:
+            timm's rule (none on 1-D parameters, biases and the backbone's ``no_weight_decay()`` names).
         max_iters: schedule length in optimizer steps (set ``trainer.max_steps`` to the same);
             ``lr_schedule``: ``"poly"`` or ``"cosine"``; ``power``: poly exponent; ``min_lr_ratio``: final lr /
             lr; ``warmup_iters``, ``warmup_ratio``: linear warm-up from ``warmup_ratio * lr``.
@@ -145,6 +119,8 @@ class SemanticSegmenter(pl.LightningModule):
             )
         if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
             raise ValueError(f"model.layer_decay must be in (0, 1], got {layer_decay}")
+        if no_decay_keys is not None and layer_decay is not None:
+            raise ValueError("model.no_decay_keys (mmcv's grouping) and model.layer_decay cannot be combined")
         if 0 <= ignore_index < num_classes:
             raise ValueError(f"model.ignore_index {ignore_index} is a class index (num_classes {num_classes})")
         if class_weight is not None and (len(class_weight) != num_classes or min(class_weight) < 0):
@@ -163,7 +139,9 @@ class SemanticSegmenter(pl.LightningModule):
             **(backbone_kwargs or {}),
         )
         if weights:
-            load_segmenter_weights(self, weights)
+            from attnzoo.weights.dense_convert import load_converted
+
+            load_converted(self, weights)
         weight = torch.tensor(class_weight, dtype=torch.float32) if class_weight is not None else None
         self.register_buffer("class_weight", weight, persistent=False)
         self.class_names = [str(c) for c in range(num_classes)]
@@ -190,10 +168,15 @@ class SemanticSegmenter(pl.LightningModule):
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self) -> dict:
         hp = self.hparams
-        groups = dense_param_groups(
-            self.model, self.model.backbone.body.model, hp.lr, hp.weight_decay, hp.backbone_lr_mult, hp.layer_decay,
-            hp.no_decay_keys or (),
-        )  # fmt: skip
+        backbone = self.model.backbone.body.model
+        if hp.no_decay_keys is not None:
+            groups = keyword_param_groups(
+                self.model, backbone, hp.lr, hp.weight_decay, hp.backbone_lr_mult, hp.no_decay_keys
+            )
+        else:
+            groups = dense_param_groups(
+                self.model, backbone, hp.lr, hp.weight_decay, hp.backbone_lr_mult, hp.layer_decay
+            )
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         if self.trainer.max_steps not in (-1, hp.max_iters):
             rank_zero_warn(
