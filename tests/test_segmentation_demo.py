@@ -12,7 +12,7 @@ def test_demo_segmentation_runs_end_to_end(tmp_path, monkeypatch, capsys):
     args = ["--train-scenes", "8", "--test-scenes", "2", "--trainer.max_steps", "2", "--model.max_iters", "2"]
     assert main(["demo", "segmentation", *args, "--trainer.enable_progress_bar", "false"]) == 0
     out = capsys.readouterr().out
-    assert "segmentation demo: upernet on agent_pvt_tiny, 2 steps; dataset-level metrics on 2 held-out scenes" in out
+    assert "segmentation demo: upernet on nat_mini, 2 steps; dataset-level metrics on 2 held-out scenes" in out
     for name in ("untrained", "trained  "):
         match = re.search(rf"  {name} mIoU (\d\.\d{{3}})  mAcc (\d\.\d{{3}})  aAcc (\d\.\d{{3}})", out)
         assert match and all(0.0 <= float(v) <= 1.0 for v in match.groups()), out

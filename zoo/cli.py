@@ -1,8 +1,9 @@
 """The ``attnzoo`` console script.
 
-``fit``, ``validate``, ``test`` and ``predict`` are the LightningCLI of :mod:`attnzoo.recipes.cli`; ``demo`` trains
-a small model on embedded digits (:mod:`attnzoo.recipes.demo`); ``profile``, ``convert``, ``export`` and ``models``
-are plain argparse.
+``fit``, ``validate``, ``test`` and ``predict`` are the LightningCLI of :mod:`attnzoo.recipes.cli` (``detect ...`` and
+``segment ...`` those of the detection and segmentation recipes); ``demo`` trains a small model on embedded digits
+(:mod:`attnzoo.recipes.demo`; ``demo detection`` / ``demo segmentation`` on digit scenes); ``profile``, ``convert``,
+``export`` and ``models`` are plain argparse.
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ class SegmentationWriter(BasePredictionWriter):
                 )
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        count = trainer.strategy.reduce(torch.tensor(len(self.written)), reduce_op="sum")
+        count = trainer.strategy.reduce(torch.tensor(len(self.written), device=pl_module.device), reduce_op="sum")
         if trainer.is_global_zero:
             rendered = f", overlays to {self.render}" if self.render else ""
             print(f"wrote {int(count)} index PNGs to {self._folder(trainer)}{rendered}", flush=True)
