@@ -4,10 +4,14 @@ from .agent_attention import AgentAttention, convert_agent_biases, resize_agent_
 from .attention import Attention
 from .backbone import HierarchicalVisionTransformer, Stage, build_stages
 from .block import ConvPosEnc, TransformerBlock
+from .decay_attention import DecayMaskedAttention
 from .downsample import ConvDownsample, PatchMerging
 from .gate import GATE_MODES, OutputGate, create_gate, gate_output
+from .manhattan_attention import ManhattanAttention
 from .mixer import MapTokenMixer, check_no_attn_mask, create_mixer, get_mixer, list_mixers, register_mixer
+from .mlp import DWConvMlp
 from .neighborhood_attention import NeighborhoodAttention2d
+from .polyline_attention import PolylineAttention
 from .pooling_mixer import PoolingMixer
 from .ppt import PPTReducer, ppt_policy, prune_by_importance
 from .reduction_patch import (
@@ -28,7 +32,7 @@ from .reduction_patch import (
 )
 from .routing_attention import BiLevelRoutingAttention, GlobalAttentionLePE
 from .simpool import SimPool, SimPoolClassifierHead
-from .stem import ConvStem, OverlapPatchEmbed
+from .stem import ConvStem, DeepConvStem, OverlapPatchEmbed
 from .token_merging import (
     MergePlan,
     ToMeReducer,
@@ -56,8 +60,12 @@ __all__ = [
     "ConvDownsample",
     "ConvPosEnc",
     "ConvStem",
+    "DWConvMlp",
+    "DecayMaskedAttention",
+    "DeepConvStem",
     "GlobalAttentionLePE",
     "HierarchicalVisionTransformer",
+    "ManhattanAttention",
     "MapTokenMixer",
     "MergePlan",
     "MergedTokens",
@@ -67,6 +75,7 @@ __all__ = [
     "PPTReducer",
     "PPTVisionTransformer",
     "PatchMerging",
+    "PolylineAttention",
     "PoolingMixer",
     "ReducedTokens",
     "Reduction",

@@ -16,7 +16,9 @@ from . import (
     layers,  # noqa: F401
     metapool,  # noqa: F401
     nat,  # noqa: F401
+    ppma,  # noqa: F401
     ppt,  # noqa: F401
+    rmt,  # noqa: F401
     token_pooling,  # noqa: F401
     tome,  # noqa: F401
 )
