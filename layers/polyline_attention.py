@@ -86,7 +86,9 @@ class PolylineAttention(DecayMaskedAttention):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Mamba2's initialisation: ``softplus(dt_bias)`` log-uniform in ``[dt_min, dt_max]`` (floored), ``A``
-        uniform in ``a_init_range``."""
+        uniform in ``a_init_range``. Meta tensors (no values) are left as they are."""
+        if self.dt_bias.device.type == "meta":
+            return
         dt_min, dt_max, floor = self.dt_range
         dt = torch.exp(torch.rand_like(self.dt_bias) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = dt.clamp(min=floor)
