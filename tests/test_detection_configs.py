@@ -19,6 +19,7 @@ EXPECTED = {
     for b in ("nat_tiny", "dinat_tiny", "biformer_small", "agent_pvt_small", "agent_swin_tiny", "metapool_hybrid_s12")
     for s in ("1x", "3x")
 } | {"biformer_small_retinanet_1x", "agent_pvt_tiny_retinanet_1x"}
+EXPECTED |= {f"ppma_{size}_mask_rcnn_1x" for size in ("tiny", "small", "base")}
 
 
 def _print_config(*args: str) -> tuple[int, str, str]:

@@ -188,6 +188,17 @@ class RMT(HierarchicalVisionTransformer):
         self.head.apply(self._init_linear)
         self.head_hidden_size = self.head.num_features
 
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """As :meth:`HierarchicalVisionTransformer.prune_intermediate_layers`; pruning the head also removes its
+        per-position projection (as timm's MobileNetV3 removes its ``conv_head``)."""
+        take_indices = super().prune_intermediate_layers(indices, prune_norm, prune_head)
+        if prune_head:
+            self.head.reset(0, "", reset_other=True)
+            self.head_hidden_size = self.head.num_features
+        return take_indices
+
 
 _BLOCK_RENAMES = (
     ("pos.conv.", "pos_embed."),
