@@ -255,3 +255,20 @@ def test_decay_mixers_plug_into_metapool_stages():
     assert {"stages.0.blocks.0.attn.dt_bias", "stages.2.blocks.0.attn.A_log"} <= model.no_weight_decay()
     out = model(torch.randn(1, 3, 97, 131))
     assert out.shape == (1, 5) and torch.isfinite(out).all()
+
+
+def test_manhattan_mixer_compiles_without_graph_breaks():
+    """``torch.compile(fullgraph=True)`` (aot_eager, as the contract test) of both forms matches eager; the contract
+    compiles the whole network on PPMA only, which shares everything but the mixer with RMT."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    try:
+        for decomposed in (False, True):
+            mixer = create_mixer("manhattan", 32, num_heads=4, decomposed=decomposed, gate="headwise").eval()
+            x = torch.randn(1, 5, 7, 32)
+            with torch.no_grad():
+                out = torch.compile(mixer, backend="aot_eager", fullgraph=True)(x)
+                torch.testing.assert_close(out, mixer(x), rtol=1e-4, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
