@@ -165,12 +165,15 @@ def _dense_line_attention(logits_rows, logits_cols, H, W):
     return rows.reshape(B, heads, H * W, H * W), cols.reshape(B, heads, H * W, H * W)
 
 
+@pytest.mark.parametrize("attn_impl", ["sdpa", "math"])
 @pytest.mark.parametrize("size", [(4, 5), (1, 3), (6, 1)])
-def test_manhattan_fast_paths_equal_dense_attention(size):
+def test_manhattan_fast_paths_equal_dense_attention(size, attn_impl):
     H, W = size
     x = torch.randn(2, H, W, 16, dtype=torch.float64)
     for decomposed in (False, True):
-        mixer = ManhattanAttention(16, num_heads=2, decomposed=decomposed, init_value=1.0, heads_range=3.0).double()
+        mixer = ManhattanAttention(
+            16, num_heads=2, decomposed=decomposed, init_value=1.0, heads_range=3.0, attn_impl=attn_impl
+        ).double()
         q, k, v = _rotated_qkv(mixer, x)
         out = mixer.attend(x, q, k, v).flatten(2, 3)
         log_gamma = mixer.log_gamma(x.device).double()
@@ -234,6 +237,8 @@ def test_mixers_are_registered_and_take_any_size_and_gates(name):
         create_mixer(name, 32, num_heads=4, gate="sigmoid")
     with pytest.raises(ValueError, match="attn_mask"):
         create_mixer(name, 32, num_heads=4)(torch.randn(1, 2, 2, 32), attn_mask=torch.ones(4, 4))
+    with pytest.raises(ValueError, match="attn_impl must be one of"):
+        ManhattanAttention(32, num_heads=4, attn_impl="flash")
     with pytest.raises(ValueError, match="alpha and beta"):
         polyline_line_masks(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 4, 3))
 
