@@ -12,7 +12,8 @@ decay factors along the path from query to key (the papers write ``softmax(q k^T
   ``alpha_t, beta_t <= 0`` (per head). Along one line the structured mask of Mamba2 is ``L[i, j] =`` the sum of the
   decays of the tokens in ``(min(i, j), max(i, j)]`` (:func:`segment_sum_mask`). The 2-D mask follows the polyline
   from query ``(a, c)`` along its row ``a`` to column ``c'``, then along column ``c'`` to the key ``(b, c')``:
-  ``M[(a, c), (b, c')] = L_row_a(alpha)[c, c'] + L_col_c'(beta)[a, b]``. The paper's efficient algorithm builds it from
+  ``M[(a, c), (b, c')] = L_row_a(alpha)[c, c'] + L_col_c'(beta)[a, b]``; the other polyline (vertical first) gives
+  its transpose. The paper's efficient algorithm builds it from
   the ``H + W`` one-dimensional masks by broadcasting (``O(N^2)`` for ``N = H W`` tokens, never a loop over pairs or
   paths); :func:`polyline_path_mask`.
 
@@ -87,17 +88,24 @@ def polyline_line_masks(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.
     return segment_sum_mask(alpha), segment_sum_mask(beta.transpose(-1, -2))
 
 
-def polyline_path_mask(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+def polyline_path_mask(alpha: torch.Tensor, beta: torch.Tensor, vertical_first: bool = False) -> torch.Tensor:
     """PPMA's 2-D polyline path mask ``(B, heads, N, N)`` (``N = H * W``, raster order) from the per-token log
     decays ``alpha`` (horizontal) and ``beta`` (vertical), both ``(B, heads, H, W)``.
 
-    ``M[(a, c), (b, c')] = row_a[c, c'] + col_c'[a, b]``: the row part is broadcast over the key row ``b``, the column
-    part over the query column ``c``.
+    From query ``(a, c)`` to key ``(b, c')``: along row ``a``, then column ``c'``,
+    ``M[(a, c), (b, c')] = row_a[c, c'] + col_c'[a, b]``; with ``vertical_first``, along column ``c``, then row ``b``,
+    ``row_b[c, c'] + col_c[a, b]`` — the transpose of the first (the 1-D masks are symmetric), built contiguous. Each
+    line part is broadcast over the other axis of the pair.
     """
-    rows, cols = polyline_line_masks(alpha, beta)  # (B, h, H, W, W) [a, c, c'], (B, h, W, H, H) [c', a, b]
+    rows, cols = polyline_line_masks(alpha, beta)  # (B, h, H, W, W) [y, x, x'], (B, h, W, H, H) [x, y, y']
     B, heads, H, W = alpha.shape
-    mask = rows.unsqueeze(4) + cols.permute(0, 1, 3, 4, 2).unsqueeze(3)  # (B, h, H, W, H, W) [a, c, b, c']
-    return mask.reshape(B, heads, H * W, H * W)
+    if vertical_first:
+        row_part = rows.permute(0, 1, 3, 2, 4).unsqueeze(2)  # [b, c, c'] -> (B, h, 1, W, H, W) [a, c, b, c']
+        col_part = cols.permute(0, 1, 3, 2, 4).unsqueeze(-1)  # [c, a, b] -> (B, h, H, W, H, 1)
+    else:
+        row_part = rows.unsqueeze(4)  # [a, c, c'] -> (B, h, H, W, 1, W)
+        col_part = cols.permute(0, 1, 3, 4, 2).unsqueeze(3)  # [c', a, b] -> (B, h, H, 1, H, W)
+    return (row_part + col_part).reshape(B, heads, H * W, H * W)
 
 
 def raster_rotary_tables(

@@ -6,8 +6,8 @@ horizontal and a vertical decay per head, ``alpha_t = -exp(A_log) * softplus(x_t
 ``beta_t`` likewise with ``W_dt[1]`` (``x_t`` the head's ``head_dim`` channels of the mixer input; ``W_dt`` is shared
 by the heads, ``dt_bias`` and ``A_log`` are per head, initialised as Mamba2's). The polyline path mask weighs a key by
 the product of the decays along the L-shaped path from the query (:func:`attnzoo.layers.decay_masks.
-polyline_path_mask`); like the official model, the attention averages the mask and its transpose (the path taken
-the other way round): ``A = (softmax(q k^T s + M) + softmax(q k^T s + M^T)) / 2``.
+polyline_path_mask`); like the official model, the attention averages the two polylines, horizontal first (``M``)
+and vertical first (``M^T``): ``A = (softmax(q k^T s + M) + softmax(q k^T s + M^T)) / 2``.
 
 The decomposed form (the early stages of PPMA) attends along rows with the row masks and along columns with the column
 masks, in both orders, and averages: ``(A_col A_row + A_row A_col) v / 2``.
@@ -112,14 +112,14 @@ class PolylineAttention(DecayMaskedAttention):
         alpha, beta = self.log_decays(x)
         k = k * self.scale
         if not self.decomposed:
-            mask = polyline_path_mask(alpha, beta)  # (B, heads, N, N)
-            logits = q.flatten(2, 3) @ k.flatten(2, 3).transpose(-1, -2)
-            attn = 0.5 * torch.softmax(logits + mask, dim=-1) + 0.5 * torch.softmax(logits + mask.transpose(-1, -2), -1)
-            return (attn @ v.flatten(2, 3)).view(B, heads, H, W, D)
+            logits = q.flatten(2, 3) @ k.flatten(2, 3).transpose(-1, -2)  # (B, heads, N, N)
+            attn = torch.softmax(logits + polyline_path_mask(alpha, beta), dim=-1)
+            attn = attn + torch.softmax(logits + polyline_path_mask(alpha, beta, vertical_first=True), dim=-1)
+            return ((attn @ v.flatten(2, 3)) * 0.5).view(B, heads, H, W, D)
         row_masks, col_masks = polyline_line_masks(alpha, beta)  # (B, heads, H, W, W), (B, heads, W, H, H)
         attn_rows = torch.softmax(q @ k.transpose(-1, -2) + row_masks, dim=-1)  # (B, heads, H, W, W)
         q_cols, k_cols, v_cols = q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3)  # (B, heads, W, H, D)
         attn_cols = torch.softmax(q_cols @ k_cols.transpose(-1, -2) + col_masks, dim=-1)  # (B, heads, W, H, H)
         rows_then_cols = (attn_cols @ (attn_rows @ v).transpose(2, 3)).transpose(2, 3)
         cols_then_rows = attn_rows @ (attn_cols @ v_cols).transpose(2, 3)
-        return 0.5 * rows_then_cols + 0.5 * cols_then_rows
+        return (rows_then_cols + cols_then_rows) * 0.5

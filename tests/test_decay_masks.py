@@ -101,6 +101,9 @@ def test_polyline_path_mask_and_gradients_match_the_path_products(size):
     grads_direct = torch.autograd.grad((direct * weights).sum(), (alpha, beta), allow_unused=True)
     for g_fast, g_direct in zip(grads_fast, grads_direct):
         torch.testing.assert_close(g_fast, torch.zeros_like(g_fast) if g_direct is None else g_direct)
+    # vertical first: the other polyline, the transpose
+    vertical_first = polyline_path_mask(alpha, beta, vertical_first=True)
+    assert torch.equal(vertical_first, polyline_path_mask(alpha, beta).transpose(-1, -2))
     # the line masks are the restrictions of the 2-D mask to one row / one column
     rows, cols = polyline_line_masks(alpha, beta)
     full = polyline_path_mask(alpha, beta).view(B, heads, H, W, H, W)
