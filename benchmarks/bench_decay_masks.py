@@ -4,8 +4,9 @@ For each model and input size: the median inference time (batch 1, eval, ``infer
 the time spent building the masks, summed over all blocks: for ``"manhattan"`` mixers the per-head decays and the
 ``(|dy| + |dx|) log(gamma)`` masks (full or per line), for ``"polyline"`` mixers the per-token decay prediction
 (``log_decays``: the ``head_dim -> 2`` projection and softplus) and the polyline path masks (segment sums of every row
-and column, and their broadcast to ``(B, heads, N, N)`` in the full form). The mask builders are wrapped with timers
-(wall clock; CPU ops are synchronous), nothing else changes.
+and column; in the full form their broadcast addition to the ``(B, heads, N, N)`` logits, fused with the mask's
+construction, so PPMA's share includes that addition and RMT's, done inside its attention, does not). The mask
+builders are wrapped with timers (wall clock; CPU ops are synchronous), nothing else changes.
 
     python benchmarks/bench_decay_masks.py --models rmt_tiny ppma_tiny rmt_small ppma_small --sizes 224 512
 """
@@ -41,7 +42,7 @@ def instrument() -> None:
     """Wrap every mask builder the two mixers call with a timer."""
     for module, names in (
         (manhattan_attention, ("manhattan_mask", "distance_mask_1d")),
-        (polyline_attention, ("polyline_path_mask", "polyline_line_masks")),
+        (polyline_attention, ("add_polyline_path_mask", "polyline_line_masks")),
     ):
         for name in names:
             setattr(module, name, _timed(getattr(module, name)))

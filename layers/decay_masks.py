@@ -15,7 +15,7 @@ decay factors along the path from query to key (the papers write ``softmax(q k^T
   ``M[(a, c), (b, c')] = L_row_a(alpha)[c, c'] + L_col_c'(beta)[a, b]``; the other polyline (vertical first) gives
   its transpose. The paper's efficient algorithm builds it from
   the ``H + W`` one-dimensional masks by broadcasting (``O(N^2)`` for ``N = H W`` tokens, never a loop over pairs or
-  paths); :func:`polyline_path_mask`.
+  paths); :func:`polyline_path_mask`, or added straight to the logits by :func:`add_polyline_path_mask`.
 
 The rotary embedding of both official models rotates channel pairs ``(2m, 2m+1)`` of queries and keys by the angle
 ``p * theta_m`` with ``p = y * W + x`` the raster index of the token and ``theta_m = 10000 ** (-m / (D/2 - 1))``
@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "add_polyline_path_mask",
     "apply_rotary",
     "distance_mask_1d",
     "manhattan_log_decay",
@@ -88,6 +89,19 @@ def polyline_line_masks(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.
     return segment_sum_mask(alpha), segment_sum_mask(beta.transpose(-1, -2))
 
 
+def _polyline_parts(alpha: torch.Tensor, beta: torch.Tensor, vertical_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row and column parts of the polyline path mask, broadcastable to ``(B, heads, H, W, H, W)``
+    (``[query row, query column, key row, key column]``)."""
+    rows, cols = polyline_line_masks(alpha, beta)  # (B, h, H, W, W) [y, x, x'], (B, h, W, H, H) [x, y, y']
+    if vertical_first:
+        row_part = rows.permute(0, 1, 3, 2, 4).unsqueeze(2)  # [b, c, c'] -> (B, h, 1, W, H, W) [a, c, b, c']
+        col_part = cols.permute(0, 1, 3, 2, 4).unsqueeze(-1)  # [c, a, b] -> (B, h, H, W, H, 1)
+    else:
+        row_part = rows.unsqueeze(4)  # [a, c, c'] -> (B, h, H, W, 1, W)
+        col_part = cols.permute(0, 1, 3, 4, 2).unsqueeze(3)  # [c', a, b] -> (B, h, H, 1, H, W)
+    return row_part, col_part
+
+
 def polyline_path_mask(alpha: torch.Tensor, beta: torch.Tensor, vertical_first: bool = False) -> torch.Tensor:
     """PPMA's 2-D polyline path mask ``(B, heads, N, N)`` (``N = H * W``, raster order) from the per-token log
     decays ``alpha`` (horizontal) and ``beta`` (vertical), both ``(B, heads, H, W)``.
@@ -97,15 +111,21 @@ def polyline_path_mask(alpha: torch.Tensor, beta: torch.Tensor, vertical_first: 
     ``row_b[c, c'] + col_c[a, b]`` — the transpose of the first (the 1-D masks are symmetric), built contiguous. Each
     line part is broadcast over the other axis of the pair.
     """
-    rows, cols = polyline_line_masks(alpha, beta)  # (B, h, H, W, W) [y, x, x'], (B, h, W, H, H) [x, y, y']
     B, heads, H, W = alpha.shape
-    if vertical_first:
-        row_part = rows.permute(0, 1, 3, 2, 4).unsqueeze(2)  # [b, c, c'] -> (B, h, 1, W, H, W) [a, c, b, c']
-        col_part = cols.permute(0, 1, 3, 2, 4).unsqueeze(-1)  # [c, a, b] -> (B, h, H, W, H, 1)
-    else:
-        row_part = rows.unsqueeze(4)  # [a, c, c'] -> (B, h, H, W, 1, W)
-        col_part = cols.permute(0, 1, 3, 4, 2).unsqueeze(3)  # [c', a, b] -> (B, h, H, 1, H, W)
+    row_part, col_part = _polyline_parts(alpha, beta, vertical_first)
     return (row_part + col_part).reshape(B, heads, H * W, H * W)
+
+
+def add_polyline_path_mask(
+    logits: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, vertical_first: bool = False
+) -> torch.Tensor:
+    """``logits + polyline_path_mask(alpha, beta, vertical_first)`` for ``logits`` ``(B, heads, N, N)``, without
+    materialising the mask: its row and column parts are added to the logits in turn (one ``N x N`` pass less)."""
+    B, heads, H, W = alpha.shape
+    row_part, col_part = _polyline_parts(alpha, beta, vertical_first)
+    out = logits.view(B, heads, H, W, H, W) + row_part
+    out += col_part
+    return out.view(B, heads, H * W, H * W)
 
 
 def raster_rotary_tables(

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .decay_attention import DecayMaskedAttention
-from .decay_masks import polyline_line_masks, polyline_path_mask
+from .decay_masks import add_polyline_path_mask, polyline_line_masks
 from .mixer import register_mixer
 
 __all__ = ["PolylineAttention"]
@@ -113,8 +113,8 @@ class PolylineAttention(DecayMaskedAttention):
         k = k * self.scale
         if not self.decomposed:
             logits = q.flatten(2, 3) @ k.flatten(2, 3).transpose(-1, -2)  # (B, heads, N, N)
-            attn = torch.softmax(logits + polyline_path_mask(alpha, beta), dim=-1)
-            attn = attn + torch.softmax(logits + polyline_path_mask(alpha, beta, vertical_first=True), dim=-1)
+            attn = torch.softmax(add_polyline_path_mask(logits, alpha, beta), dim=-1)
+            attn = attn + torch.softmax(add_polyline_path_mask(logits, alpha, beta, vertical_first=True), dim=-1)
             return ((attn @ v.flatten(2, 3)) * 0.5).view(B, heads, H, W, D)
         row_masks, col_masks = polyline_line_masks(alpha, beta)  # (B, heads, H, W, W), (B, heads, W, H, H)
         attn_rows = torch.softmax(q @ k.transpose(-1, -2) + row_masks, dim=-1)  # (B, heads, H, W, W)

@@ -8,6 +8,7 @@ import torch
 
 from attnzoo.layers import ManhattanAttention, PolylineAttention, create_mixer, list_mixers
 from attnzoo.layers.decay_masks import (
+    add_polyline_path_mask,
     apply_rotary,
     distance_mask_1d,
     manhattan_log_decay,
@@ -104,6 +105,12 @@ def test_polyline_path_mask_and_gradients_match_the_path_products(size):
     # vertical first: the other polyline, the transpose
     vertical_first = polyline_path_mask(alpha, beta, vertical_first=True)
     assert torch.equal(vertical_first, polyline_path_mask(alpha, beta).transpose(-1, -2))
+    # the fused addition to logits equals adding the materialised mask
+    logits = torch.randn_like(direct)
+    for flag in (False, True):
+        torch.testing.assert_close(
+            add_polyline_path_mask(logits, alpha, beta, flag), logits + polyline_path_mask(alpha, beta, flag)
+        )
     # the line masks are the restrictions of the 2-D mask to one row / one column
     rows, cols = polyline_line_masks(alpha, beta)
     full = polyline_path_mask(alpha, beta).view(B, heads, H, W, H, W)
