@@ -34,7 +34,9 @@ PUBLISHED_PARAMS = {
     "agent_pvt_tiny_retinanet_1x": 21,
     "agent_pvt_small_retinanet_1x": 30,
 }
-PUBLISHED_WITHOUT_PARAMS = {"biformer_small_mask_rcnn_1x", "biformer_small_retinanet_1x"}
+PUBLISHED_WITHOUT_PARAMS = {"biformer_small_mask_rcnn_1x", "biformer_small_retinanet_1x"} | {
+    f"ppma_{size}_mask_rcnn_1x" for size in ("tiny", "small", "base")
+}
 NOT_PUBLISHED = {
     "nat_tiny_mask_rcnn_1x",
     "dinat_tiny_mask_rcnn_1x",
