@@ -8,12 +8,14 @@ import math
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 import attnzoo  # noqa: F401
 from attnzoo.cli import main
 from attnzoo.kernels.flops import count_macs
 from attnzoo.recipes.detection.backbones import build_backbone
 from attnzoo.rmt import checkpoint_filter_fn
+from attnzoo.weights.downstream import convert_backbone_state
 
 # n_parameters of the official training logs (RMT:RMT_log/rmt_{t,s,m,l}.txt, PPMA:training_logs/classification/)
 PARAMS = {
@@ -179,3 +181,34 @@ def test_detection_backbone():
     assert [tuple(m.shape) for m in levels.values()] == [
         (1, 256, math.ceil(96 / s), math.ceil(160 / s)) for s in (4, 8, 16, 32, 64)
     ]
+
+
+def test_ppma_downstream_backbone_output_norms_and_official_layout():
+    """``out_norms=True`` is the official PPMA detection backbone: a LayerNorm (eps 1e-5) on each returned map only
+    (``outnorm{i}`` in its checkpoints); the classification weights load with the new norms named, the detection
+    backbone's ``outnorm{i}`` keys map strictly onto them."""
+    depths = (1, 1, 1, 1)
+    plain = timm.create_model("ppma_tiny", depths=depths, features_only=True).eval()
+    normed = timm.create_model("ppma_tiny", depths=depths, features_only=True, out_norms=True).eval()
+    state = {k: v for k, v in normed.state_dict().items() if "out_norms" not in k}
+    plain.load_state_dict(state, strict=True)
+    for norm in normed.model.out_norms:
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+    x = torch.randn(1, 3, 97, 131)
+    with torch.no_grad():
+        raw, out = plain(x), normed(x)
+    for i, (r, o) in enumerate(zip(raw, out)):
+        norm = normed.model.out_norms[i]
+        expected = F.layer_norm(r.permute(0, 2, 3, 1), r.shape[1:2], norm.weight, norm.bias, eps=1e-5)
+        torch.testing.assert_close(o, expected.permute(0, 3, 1, 2))
+
+    official = _official_state_dict("ppma_tiny", depths=depths)
+    backbone = {k: v for k, v in official.items() if not k.startswith(("proj.", "norm.", "head."))}
+    widths = (64, 128, 256, 512)
+    backbone |= {f"outnorm{i}.{p}": torch.randn(c) for i, c in enumerate(widths) for p in ("weight", "bias")}
+    converted = convert_backbone_state("ppma_tiny", backbone, normed)
+    normed.load_state_dict(converted, strict=True)
+    torch.testing.assert_close(normed.model.out_norms[2].bias, backbone["outnorm2.bias"])
+    with pytest.raises(ValueError, match="out_norms=True"):
+        convert_backbone_state("ppma_tiny", backbone, plain)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from timm.models import generate_default_cfgs, register_model
 
-from .rmt import RMT, RMT_BASE, RMT_SMALL, RMT_TINY, _cfg, create_rmt
+from .rmt import RMT, RMT_BASE, RMT_SMALL, RMT_TINY, _cfg, checkpoint_filter_fn, create_rmt
 
-__all__: list[str] = []
+__all__ = ["checkpoint_filter_fn"]  # the family's filter (RMT's), found by attnzoo.weights.downstream
 
 _URL = "https://huggingface.co/ZhongchenZhao/PPMA/resolve/main/checkpoints/classification/{}/best.pth"
 _PPMA = dict(

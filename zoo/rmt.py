@@ -38,6 +38,7 @@ from attnzoo.layers import (
     create_mixer,
 )
 from attnzoo.weights import build_model_with_official_weights, unwrap_state_dict
+from attnzoo.weights.downstream import OUT_NORMS, add_new_output_norms
 
 __all__ = ["RMT", "ProjectionClassifierHead", "checkpoint_filter_fn"]
 
@@ -110,6 +111,8 @@ class RMT(HierarchicalVisionTransformer):
         head_hidden_size: width of the head's per-position projection.
         gate: output gate of every mixer (``"none"`` as published).
         drop_path_rate: stochastic depth, rising linearly over all blocks.
+        out_norms: add a LayerNorm (eps 1e-5) on each stage output, applied to the maps ``forward_intermediates`` /
+            ``features_only`` return only (the official PPMA detection backbone's ``outnorm{i}``).
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class RMT(HierarchicalVisionTransformer):
         head_hidden_size: int = 1024,
         gate: str = "none",
         drop_path_rate: float = 0.0,
+        out_norms: bool = False,
         in_chans: int = 3,
         num_classes: int = 1000,
         global_pool: str = "avg",
@@ -176,6 +180,7 @@ class RMT(HierarchicalVisionTransformer):
             stages,
             dims,
             norm_layer=None,
+            out_norm_layer=partial(nn.LayerNorm, eps=1e-5) if out_norms else None,
             num_classes=num_classes,
             global_pool=global_pool,
             in_chans=in_chans,
@@ -234,6 +239,8 @@ def _convert_official(state_dict: Mapping[str, torch.Tensor], model: RMT) -> dic
     for key, value in state_dict.items():
         if key.startswith("patch_embed."):
             out["stem." + key[len("patch_embed.") :]] = value
+        elif match := re.match(r"outnorm(\d+)\.(.*)", key):  # downstream backbone output norms
+            out[f"{OUT_NORMS}{match.group(1)}.{match.group(2)}"] = value
         elif match := re.match(r"layers\.(\d+)\.Relpos\.(\w+)", key):
             if match.group(2) == "decay":
                 _check_decays(int(match.group(1)), value, model)
@@ -264,13 +271,15 @@ def _convert_official(state_dict: Mapping[str, torch.Tensor], model: RMT) -> dic
     return out
 
 
-def checkpoint_filter_fn(state_dict: Mapping, model: RMT) -> dict[str, torch.Tensor]:
-    """Map an official RMT / PPMA classification checkpoint (bare, or wrapped as ``{"model": ...}`` /
-    ``{"models": ...}``) onto attnzoo's keys; attnzoo state dicts pass unchanged."""
+def checkpoint_filter_fn(state_dict: Mapping, model: RMT, new_output_norms: bool = True) -> dict[str, torch.Tensor]:
+    """Map an official RMT / PPMA checkpoint (classification or PPMA detection backbone; bare, or wrapped as
+    ``{"model": ...}`` / ``{"models": ...}``) onto attnzoo's keys; attnzoo state dicts pass unchanged.
+    ``new_output_norms``: a model with output norms gets its own (untrained) ones when the checkpoint has none
+    (:func:`~attnzoo.weights.downstream.add_new_output_norms`)."""
     state_dict = unwrap_state_dict(state_dict)
     if any(k.startswith(("patch_embed.", "layers.")) for k in state_dict):
-        return _convert_official(state_dict, model)
-    return state_dict
+        state_dict = _convert_official(state_dict, model)
+    return add_new_output_norms(state_dict, model) if new_output_norms else state_dict
 
 
 def create_rmt(variant: str, pretrained: bool = False, **kwargs) -> RMT:
