@@ -12,14 +12,7 @@ from attnzoo.cli import main as attnzoo_main
 from attnzoo.recipes.detection import ObjectDetector
 from attnzoo.weights.dense_convert import convert_dense_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: on a loaded 2-core machine intra-op threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 PVT = dict(
