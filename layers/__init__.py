@@ -4,12 +4,16 @@ from .agent_attention import AgentAttention, convert_agent_biases, resize_agent_
 from .attention import Attention
 from .backbone import HierarchicalVisionTransformer, Stage, build_stages
 from .block import ConvPosEnc, TransformerBlock
+from .decay_attention import DecayMaskedAttention
 from .downsample import ConvDownsample, PatchMerging
 from .efficient_probing import EfficientProbing
 from .gate import GATE_MODES, GATES, OutputGate, create_gate, gate_output
+from .manhattan_attention import ManhattanAttention
 from .mixer import MapTokenMixer, check_no_attn_mask, create_mixer, get_mixer, list_mixers, register_mixer
+from .mlp import DWConvMlp
 from .moh import MoHGate, check_moh_args, moh_balance_loss
 from .neighborhood_attention import NeighborhoodAttention2d
+from .polyline_attention import PolylineAttention
 from .pool_head import ATTENTION_POOL_TYPES, AttentionPoolClassifierHead, SimPoolClassifierHead, create_attention_pool
 from .pooling_mixer import PoolingMixer
 from .ppt import PPTReducer, ppt_policy, prune_by_importance
@@ -31,7 +35,7 @@ from .reduction_patch import (
 )
 from .routing_attention import BiLevelRoutingAttention, GlobalAttentionLePE
 from .simpool import SimPool
-from .stem import ConvStem, OverlapPatchEmbed
+from .stem import ConvStem, DeepConvStem, OverlapPatchEmbed
 from .token_merging import (
     MergePlan,
     ToMeReducer,
@@ -64,9 +68,13 @@ __all__ = [
     "ConvDownsample",
     "ConvPosEnc",
     "ConvStem",
+    "DWConvMlp",
+    "DecayMaskedAttention",
+    "DeepConvStem",
     "EfficientProbing",
     "GlobalAttentionLePE",
     "HierarchicalVisionTransformer",
+    "ManhattanAttention",
     "MapTokenMixer",
     "MergePlan",
     "MergedTokens",
@@ -77,6 +85,7 @@ __all__ = [
     "PPTReducer",
     "PPTVisionTransformer",
     "PatchMerging",
+    "PolylineAttention",
     "PoolingMixer",
     "ReducedTokens",
     "Reduction",

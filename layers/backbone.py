@@ -128,7 +128,8 @@ class HierarchicalVisionTransformer(nn.Module):
 
     @staticmethod
     def _init_linear(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
+        # meta tensors hold no values: skip the (slow, value-free) initialisation of models built on the meta device
+        if isinstance(module, nn.Linear) and module.weight.device.type != "meta":
             trunc_normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)

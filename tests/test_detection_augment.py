@@ -9,14 +9,7 @@ from torchvision.ops import masks_to_boxes
 from attnzoo.recipes.detection import CocoDataModule
 from attnzoo.recipes.detection.augment import RandomSizeCrop, train_transform
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: on a loaded 2-core machine intra-op threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 SCALES = (64, 72, 80)  # the 480..800 / 400..600 / 384..600 of the COCO configs, scaled down by 7.5

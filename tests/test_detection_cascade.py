@@ -12,14 +12,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from attnzoo.recipes.detection import build_detector
 from attnzoo.recipes.detection.cascade import STAGE_BOX_STDS, CascadeRoIHeads
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: on a loaded 2-core machine intra-op threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 PVT = dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64), num_heads=(1, 1, 2, 2))

@@ -33,6 +33,9 @@ PUBLISHED_PARAMS = {
     "agent_pvt_small_mask_rcnn_1x": 40,
     "agent_pvt_tiny_retinanet_1x": 21,
     "agent_pvt_small_retinanet_1x": 30,
+    "ppma_tiny_mask_rcnn_1x": 33,  # PPMA README
+    "ppma_small_mask_rcnn_1x": 46,
+    "ppma_base_mask_rcnn_1x": 73,
 }
 PUBLISHED_WITHOUT_PARAMS = {"biformer_small_mask_rcnn_1x", "biformer_small_retinanet_1x"}
 NOT_PUBLISHED = {

@@ -2,7 +2,9 @@
 convert back onto the detector of a config and give the same detections; bad files fail without writing."""
 
 import json
+import os
 import re
+import stat
 
 import pytest
 import torch
@@ -12,14 +14,7 @@ from attnzoo.cli import main as attnzoo_main
 from attnzoo.recipes.detection import ObjectDetector
 from attnzoo.weights.dense_convert import convert_dense_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: on a loaded 2-core machine intra-op threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 PVT = dict(
@@ -144,7 +139,16 @@ def test_mmdet_checkpoint_converts_to_the_same_detector(tmp_path, arch):
     reference = ObjectDetector(arch=arch, **MODEL, ops="mmdet", detector_kwargs=SMALL[arch]).eval()
     _randomize(reference)
     config, src = _write(tmp_path, arch, to_mmdet(reference))
-    out = convert_dense_checkpoint(config, src, tmp_path / "converted")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="symbolic link"):
+        convert_dense_checkpoint(config, src, tmp_path / "link")
+    umask = os.umask(0o022)
+    try:
+        out = convert_dense_checkpoint(config, src, tmp_path / "converted")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755  # the umask's, not mkdtemp's 0700
     meta = json.loads((out / "meta.json").read_text())
     assert meta["categories"] == [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "fox"}]
     converted = ObjectDetector(arch=arch, **MODEL, ops="mmdet", detector_kwargs=SMALL[arch], weights=str(out)).eval()

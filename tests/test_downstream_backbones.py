@@ -19,14 +19,7 @@ from attnzoo.layers import AgentAttention, BiLevelRoutingAttention, Neighborhood
 from attnzoo.recipes.detection.backbones import load_backbone_weights
 from attnzoo.weights.downstream import convert_backbone_state
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: on a loaded 2-core machine intra-op threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 NAT_TINY = dict(depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2))

@@ -21,7 +21,9 @@ patch.
 The two most expensive dynamic checks — the prune contract and ``torch.compile`` — run on one representative per
 architecture, the smallest size (``nat_tiny`` shares every code path of ``nat_mini`` but depth and width; models at
 another resolution with other windows or tables, e.g. ``agent_swin_base_384``, are architectures of their own);
-``ATTNZOO_TEST_FULL=1`` runs them on every model. Every other check runs on every model.
+``ATTNZOO_TEST_FULL=1`` runs them on every model. Every other check runs on every model, except in the families of
+``SMALLEST_SIZE_ONLY`` (RMT, PPMA), whose larger sizes run no check here unless ``ATTNZOO_TEST_FULL=1``; RMT and PPMA
+(one network class, two token mixers) share one representative for the heavy checks (``SAME_ARCHITECTURE``).
 """
 
 from __future__ import annotations
@@ -43,24 +45,41 @@ from timm.models._manipulate import group_parameters
 
 import attnzoo
 
-MODELS = attnzoo.list_models()
 SIZE_ORDER = ("mini", "tiny", "small", "medium", "base", "large", "huge")
 
 
-def _smallest_per_architecture(names: list[str]) -> list[str]:
-    """One model per architecture (the name without its size word), the smallest size first in ``SIZE_ORDER``."""
+def _smallest_per_architecture(names: list[str], aliases: dict[str, str] | None = None) -> list[str]:
+    """One model per architecture (the name without its size word; ``aliases`` maps an architecture onto another
+    one), the smallest size first in ``SIZE_ORDER``."""
     size_pattern = re.compile(r"_(" + "|".join(SIZE_ORDER) + r")(?=_|$)")
     chosen: dict[str, tuple[int, str]] = {}
     for name in names:
         match = size_pattern.search(name)
         architecture = size_pattern.sub("", name, count=1)
+        architecture = (aliases or {}).get(architecture, architecture)
         rank = SIZE_ORDER.index(match.group(1)) if match else -1
         if architecture not in chosen or rank < chosen[architecture][0]:
             chosen[architecture] = (rank, name)
     return sorted(name for _, name in chosen.values())
 
 
-HEAVY_CHECK_MODELS = MODELS if os.environ.get("ATTNZOO_TEST_FULL") else _smallest_per_architecture(MODELS)
+# Families whose larger sizes only add depth and width to the smallest one's code paths run the whole contract on the
+# smallest size (their other sizes: parameter counts, key layouts and MACs in their own test files); the budget of the
+# CI suite does not allow RMT-L at 224 px through every check. ATTNZOO_TEST_FULL=1 runs every size.
+SMALLEST_SIZE_ONLY = ("rmt_", "ppma_")
+# RMT and PPMA are one network class with another token mixer: the heavy checks run on PPMA (the mixers' own
+# torch.compile checks are in test_decay_masks.py)
+SAME_ARCHITECTURE = {"rmt": "ppma"}
+_ALL_MODELS = attnzoo.list_models()
+_SMALLEST = set(_smallest_per_architecture(_ALL_MODELS))
+MODELS = [
+    name
+    for name in _ALL_MODELS
+    if os.environ.get("ATTNZOO_TEST_FULL") or not name.startswith(SMALLEST_SIZE_ONLY) or name in _SMALLEST
+]
+HEAVY_CHECK_MODELS = (
+    MODELS if os.environ.get("ATTNZOO_TEST_FULL") else _smallest_per_architecture(MODELS, SAME_ARCHITECTURE)
+)
 # token-sequence models (no pool_size in the cfg), one per architecture
 PLAIN_VIT_MODELS = [name for name in HEAVY_CHECK_MODELS if get_pretrained_cfg(name).pool_size is None]
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+
+from .output_folder import check_output_folder, staged_output_folder
 
 __all__ = ["convert_checkpoint", "load_source"]
 
@@ -51,18 +51,6 @@ def load_source(
     return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs).eval()
 
 
-def _new_folder(parent: Path, prefix: str) -> Path:
-    """A new empty folder ``<parent>/<prefix><random>.tmp`` with the umask's permissions (``tempfile.mkdtemp``
-    would make it 0700, and the folder is renamed into the user's output)."""
-    while True:
-        folder = parent / f"{prefix}{secrets.token_hex(6)}.tmp"
-        try:
-            folder.mkdir(mode=0o777)
-            return folder
-        except FileExistsError:
-            continue
-
-
 def convert_checkpoint(
     model_name: str,
     src: str | os.PathLike,
@@ -78,27 +66,14 @@ def convert_checkpoint(
     from attnzoo.recipes.export import export_for_timm
 
     out = Path(out)
-    if out.is_symlink():
-        raise ValueError(
-            f"--out {out} is a symbolic link (to {os.readlink(out)}); the converted folder is renamed into place, "
-            "which would replace the link: pass a new folder path (or the link's target, if it is an empty folder)"
-        )
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty folder; choose a new output folder")
+    check_output_folder(out)  # before the (slow) model build
     model_kwargs = {"img_size": img_size} if img_size is not None else {}
     model = load_source(model_name, src, num_classes=num_classes, **model_kwargs)
     data_config = timm.data.resolve_data_config(model=model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = _new_folder(out.parent, f".{out.name}.")
-    try:
+    with staged_output_folder(out) as staging:
         export_for_timm(model, staging, data_config=data_config, model_args=model_kwargs or None)
         reloaded = timm.create_model(f"local-dir:{staging}", pretrained=True)
         for key, value in model.state_dict().items():
             if not torch.equal(reloaded.state_dict()[key], value):
                 raise RuntimeError(f"the written weights differ from the source at {key!r}")
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out / "model.safetensors"

@@ -16,8 +16,6 @@ import importlib
 import inspect
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from torch import Tensor, nn
 
 from .io import unwrap_state_dict
 from .official import sha256_of_file
+from .output_folder import check_output_folder, staged_output_folder
 from .restricted_unpickler import restricted_torch_load
 
 __all__ = ["MAPPERS", "convert_dense_checkpoint", "load_converted", "read_dense_checkpoint"]
@@ -156,8 +155,7 @@ def convert_dense_checkpoint(config: str | os.PathLike, src: str | os.PathLike, 
     from safetensors.torch import load_file, save_file
 
     out = Path(out)
-    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
-        raise FileExistsError(f"{out} exists and is not an empty folder; choose a new output folder")
+    check_output_folder(out)  # before the (slow) module build
     module = build_module(config)
     state, meta = read_dense_checkpoint(src)
     mapper: Callable[[nn.Module, dict[str, Tensor]], dict[str, Tensor]] = _import(MAPPERS[type(module).__name__])
@@ -175,19 +173,12 @@ def convert_dense_checkpoint(config: str | os.PathLike, src: str | os.PathLike, 
         "source_meta": {k: meta[k] for k in ("mmdet_version", "mmseg_version", "mmcv_version") if k in meta},
         "categories": getattr(module, "categories", None),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with staged_output_folder(out) as staging:
         save_file(tensors, str(staging / "model.safetensors"))
         (staging / "meta.json").write_text(json.dumps(info, indent=2) + "\n")
         reloaded = load_file(str(staging / "model.safetensors"))
         if reloaded.keys() != tensors.keys() or any(not torch.equal(reloaded[k], v) for k, v in tensors.items()):
             raise RuntimeError(f"the written weights differ from the converted module ({staging})")
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

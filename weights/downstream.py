@@ -43,7 +43,14 @@ _logger = logging.getLogger(__name__)
 OUT_NORMS = "out_norms."
 """Key prefix of the output norms of a downstream backbone (``out_norms.{i}.weight`` / ``.bias``)."""
 
-DOWNSTREAM_FAMILIES = ("attnzoo.nat", "attnzoo.biformer", "attnzoo.agent_swin", "attnzoo.agent_pvt")
+DOWNSTREAM_FAMILIES = (
+    "attnzoo.nat",
+    "attnzoo.biformer",
+    "attnzoo.agent_swin",
+    "attnzoo.agent_pvt",
+    "attnzoo.rmt",
+    "attnzoo.ppma",
+)
 """Model modules whose official downstream checkpoints :func:`convert_backbone_state` maps."""
 
 _CLASSIFICATION_ONLY = ("head.", "norm.")
@@ -127,7 +134,8 @@ def convert_backbone_state(
             official key layout (NAT / DiNAT ``patch_embed``, ``levels.i...``, ``norm0..3``; BiFormer
             ``downsample_layers``, ``stages.i.j...``, ``extra_norms.0..3``; Agent-Swin ``patch_embed``,
             ``layers.i.blocks.j...``, ``norm0..3``; Agent-PVT ``patch_embed{1-4}``, ``pos_embed{1-4}``,
-            ``block{1-4}.j...``); attnzoo keys pass unchanged.
+            ``block{1-4}.j...``; PPMA ``patch_embed``, ``layers.i.blocks.j...``, ``outnorm0..3``); attnzoo keys pass
+            unchanged.
         model: the downstream backbone, built with the downstream kwargs (``features_only=True`` or the full model,
             whose classifier and final norm are not in the checkpoint and keep their values).
 

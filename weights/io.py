@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-_WRAPPER_KEYS = ("state_dict", "model", "module")
+_WRAPPER_KEYS = ("state_dict", "model", "models", "module")  # "models": PPMA's DeiT-style training checkpoints
 
 
 def unwrap_state_dict(checkpoint: Mapping, keys: tuple[str, ...] = _WRAPPER_KEYS) -> dict[str, torch.Tensor]:

@@ -17,7 +17,9 @@ from . import (
     metapool,  # noqa: F401
     moh_vit,  # noqa: F401
     nat,  # noqa: F401
+    ppma,  # noqa: F401
     ppt,  # noqa: F401
+    rmt,  # noqa: F401
     token_pooling,  # noqa: F401
     tome,  # noqa: F401
 )
