@@ -32,7 +32,10 @@ from .restricted_unpickler import restricted_torch_load
 __all__ = ["MAPPERS", "convert_dense_checkpoint", "load_converted", "read_dense_checkpoint"]
 
 #: LightningModule class name -> ``"module:function"`` mapping a source state dict onto that module's state dict.
-MAPPERS: dict[str, str] = {"ObjectDetector": "attnzoo.weights.mmdet:map_state_dict"}
+MAPPERS: dict[str, str] = {
+    "ObjectDetector": "attnzoo.weights.mmdet:map_state_dict",
+    "SemanticSegmenter": "attnzoo.weights.mmseg:map_state_dict",
+}
 
 FORMAT = "attnzoo-dense/1"
 

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
 from ..checkpoint_io import atomic_write
+from ..param_groups import dense_param_groups, keyword_param_groups
 from .build import ARCHS, MASK_ARCHS, build_detector
 from .evaluation import detections_to_coco, evaluate_coco
 from .schedule import WarmupMultiStep, resolve_schedule
@@ -215,44 +215,17 @@ class ObjectDetector(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimization
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
-        """AdamW groups: the backbone's (timm's weight-decay / layer-decay grouping, lr ``lr * backbone_lr_mult *
-        lr_scale``) and the rest (decay on >= 2-D weights only)."""
+        """AdamW groups (:mod:`attnzoo.recipes.param_groups`): with ``no_decay_keys``, mmdetection's rule
+        (:func:`~attnzoo.recipes.param_groups.keyword_param_groups`); otherwise the backbone's timm weight-decay /
+        layer-decay grouping (lr ``lr * backbone_lr_mult * lr_scale``) and the rest (decay on >= 2-D weights only,
+        :func:`~attnzoo.recipes.param_groups.dense_param_groups`)."""
         hp = self.hparams
+        backbone = self.model.backbone.body.model
         if hp.no_decay_keys is not None:
-            return self._param_groups_by_keys(lr)
-        timm_model = self.model.backbone.body.model
-        skip = timm_model.no_weight_decay() if hasattr(timm_model, "no_weight_decay") else set()
-        if hp.layer_decay is not None:
-            backbone = param_groups_layer_decay(timm_model, hp.weight_decay, skip, layer_decay=hp.layer_decay)
-        else:
-            backbone = param_groups_weight_decay(timm_model, hp.weight_decay, skip)
-        for group in backbone:
-            group["lr"] = lr * hp.backbone_lr_mult * group.get("lr_scale", 1.0)
-        inner = {id(p) for p in timm_model.parameters()}
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if id(p) in inner or not p.requires_grad:
-                continue
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-        head = [
-            {"params": decay, "weight_decay": hp.weight_decay, "lr": lr},
-            {"params": no_decay, "weight_decay": 0.0, "lr": lr},
-        ]
-        return [g for g in backbone + head if g["params"]]
-
-    def _param_groups_by_keys(self, lr: float) -> list[dict[str, Any]]:
-        """mmdetection's grouping: weight decay 0 where the parameter name contains a ``no_decay_keys`` entry,
-        ``weight_decay`` on every other trainable parameter; the backbone's lr is ``lr * backbone_lr_mult``."""
-        hp = self.hparams
-        inner = {id(p) for p in self.model.backbone.body.model.parameters()}
-        groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            decay = 0.0 if any(key in name for key in hp.no_decay_keys) else hp.weight_decay
-            group_lr = lr * hp.backbone_lr_mult if id(p) in inner else lr
-            groups.setdefault((group_lr, decay), []).append(p)
-        return [{"params": params, "lr": g_lr, "weight_decay": wd} for (g_lr, wd), params in groups.items()]
+            return keyword_param_groups(
+                self.model, backbone, lr, hp.weight_decay, hp.backbone_lr_mult, hp.no_decay_keys
+            )
+        return dense_param_groups(self.model, backbone, lr, hp.weight_decay, hp.backbone_lr_mult, hp.layer_decay)
 
     def configure_optimizers(self) -> dict:
         hp = self.hparams
