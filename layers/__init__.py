@@ -4,10 +4,17 @@ from .agent_attention import AgentAttention, convert_agent_biases, resize_agent_
 from .attention import Attention
 from .backbone import HierarchicalVisionTransformer, Stage, build_stages
 from .block import ConvPosEnc, TransformerBlock
+from .decay_attention import DecayMaskedAttention
 from .downsample import ConvDownsample, PatchMerging
-from .gate import GATE_MODES, OutputGate, create_gate, gate_output
+from .efficient_probing import EfficientProbing
+from .gate import GATE_MODES, GATES, OutputGate, create_gate, gate_output
+from .manhattan_attention import ManhattanAttention
 from .mixer import MapTokenMixer, check_no_attn_mask, create_mixer, get_mixer, list_mixers, register_mixer
+from .mlp import DWConvMlp
+from .moh import MoHGate, check_moh_args, moh_balance_loss
 from .neighborhood_attention import NeighborhoodAttention2d
+from .polyline_attention import PolylineAttention
+from .pool_head import ATTENTION_POOL_TYPES, AttentionPoolClassifierHead, SimPoolClassifierHead, create_attention_pool
 from .pooling_mixer import PoolingMixer
 from .ppt import PPTReducer, ppt_policy, prune_by_importance
 from .reduction_patch import (
@@ -27,8 +34,8 @@ from .reduction_patch import (
     remove_token_reduction,
 )
 from .routing_attention import BiLevelRoutingAttention, GlobalAttentionLePE
-from .simpool import SimPool, SimPoolClassifierHead
-from .stem import ConvStem, OverlapPatchEmbed
+from .simpool import SimPool
+from .stem import ConvStem, DeepConvStem, OverlapPatchEmbed
 from .token_merging import (
     MergePlan,
     ToMeReducer,
@@ -43,12 +50,17 @@ from .token_merging import (
 from .token_pooling import TokenPoolingReducer, pool_tokens, weighted_kmedoids
 from .token_reduction import BlockAttention, Reduction, TokenReducer, restore_tokens
 from .vit_intermediates import BlockLoop, vit_forward_intermediates
+from .vit_pool import AttentionPoolViTMixin, ZooVisionTransformer
 from .window_attention import WindowAttention2d
 
 __all__ = [
+    "ATTENTION_POOL_TYPES",
+    "GATES",
     "GATE_MODES",
     "REDUCTION_METHODS",
     "AgentAttention",
+    "AttentionPoolClassifierHead",
+    "AttentionPoolViTMixin",
     "Attention",
     "BiLevelRoutingAttention",
     "BlockAttention",
@@ -56,17 +68,24 @@ __all__ = [
     "ConvDownsample",
     "ConvPosEnc",
     "ConvStem",
+    "DWConvMlp",
+    "DecayMaskedAttention",
+    "DeepConvStem",
+    "EfficientProbing",
     "GlobalAttentionLePE",
     "HierarchicalVisionTransformer",
+    "ManhattanAttention",
     "MapTokenMixer",
     "MergePlan",
     "MergedTokens",
+    "MoHGate",
     "NeighborhoodAttention2d",
     "OutputGate",
     "OverlapPatchEmbed",
     "PPTReducer",
     "PPTVisionTransformer",
     "PatchMerging",
+    "PolylineAttention",
     "PoolingMixer",
     "ReducedTokens",
     "Reduction",
@@ -83,12 +102,15 @@ __all__ = [
     "TokenReductionVisionTransformer",
     "TransformerBlock",
     "WindowAttention2d",
+    "ZooVisionTransformer",
     "apply_token_merging",
     "apply_token_reduction",
     "bipartite_soft_matching",
     "build_stages",
+    "check_moh_args",
     "check_no_attn_mask",
     "convert_agent_biases",
+    "create_attention_pool",
     "create_gate",
     "create_mixer",
     "create_token_reducer",
@@ -98,6 +120,7 @@ __all__ = [
     "merge_schedule",
     "merge_token_map",
     "merge_tokens",
+    "moh_balance_loss",
     "pool_tokens",
     "ppt_policy",
     "proportional_attention_mask",

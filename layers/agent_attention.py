@@ -19,6 +19,11 @@ out for a reference grid ``Gh x Gw`` (``grid_size``, the training resolution) an
 size (see :meth:`AgentAttention.clear_bias_cache`). Prefix (class) tokens of a plain ViT are excluded from the
 pooling and the DWC and get their own terms ``ac_bias`` / ``ca_bias`` of shape ``(heads, n, num_prefix_tokens)``.
 
+Downstream agents (``agent_shape``, the official detection / segmentation backbones' ``downstream_agent_shape``): the
+queries are pooled to an ``ah x aw`` grid instead (e.g. 9 x 9 = 81 agents for a model trained with 9), and the biases,
+after their spatial resize to ``H x W``, are bilinearly resized along the agent axis from the ``s x s`` grid of the
+tables to ``ah x aw``, as the official code does (spatially first, then along the agents).
+
 :func:`convert_agent_biases` maps the official checkpoint layout (leading singleton axes; ``ha``/``wa``/``ca`` stored
 token-major) onto this one and resamples tables to another grid size or agent count.
 """
@@ -84,14 +89,19 @@ class AgentAttention(nn.Module):
     Args:
         dim: input and output channels.
         num_heads: number of heads; ``head_dim = dim // num_heads``.
-        agent_num: number of agent tokens, a perfect square ``s * s`` (the pooled ``s x s`` grid).
+        agent_num: number of agent tokens, a perfect square ``s * s`` (the pooled ``s x s`` grid); it sets the bias
+            tables' agent axis.
+        agent_shape: run-time agent grid ``(ah, aw)`` (int or pair) when it differs from ``s x s`` (the official
+            downstream backbones; see the module docstring); ``None``: ``s x s``. Not with prefix tokens.
         grid_size: reference feature-map size ``(Gh, Gw)`` of the row / column bias tables (the training
             resolution: 14 for a ViT/16 at 224, 56 / 28 / 14 / 7 for the stages of a stride-4 pyramid); other map
             sizes interpolate them.
         num_prefix_tokens: leading (class) tokens of token inputs; they need the token layout and ``feat_size``.
         qkv_bias: bias of the fused ``qkv`` projection (and of the gate).
         proj_bias: bias of the output projection.
-        gate: output gate on the pre-projection output, ``"none"``, ``"headwise"`` or ``"elementwise"``.
+        gate: output gate on the pre-projection output, ``"none"``, ``"headwise"``, ``"elementwise"`` or ``"moh"``.
+        moh_topk, moh_shared_heads: routed heads active per token and always-active heads of ``gate="moh"``
+            (mixture-of-head routing, :class:`~attnzoo.layers.MoHGate`).
         attn_drop: dropout on both attention maps (training only).
         proj_drop: dropout after the output projection.
     """
@@ -101,11 +111,14 @@ class AgentAttention(nn.Module):
         dim: int,
         num_heads: int = 8,
         agent_num: int = 49,
+        agent_shape: int | tuple[int, int] | None = None,
         grid_size: int | tuple[int, int] = 14,
         num_prefix_tokens: int = 0,
         qkv_bias: bool = True,
         proj_bias: bool = True,
         gate: str = "none",
+        moh_topk: int | None = None,
+        moh_shared_heads: int = 0,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         device=None,
@@ -120,11 +133,15 @@ class AgentAttention(nn.Module):
             raise ValueError(f"agent_num must be a positive perfect square (s * s agents), got {agent_num!r}")
         if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
             raise ValueError(f"num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
+        agent_shape = (pool, pool) if agent_shape is None else _pair(agent_shape, "agent_shape")
+        if agent_shape != (pool, pool) and num_prefix_tokens:
+            raise ValueError("agent_shape (downstream agents) is not supported with prefix tokens")
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.agent_num = agent_num
         self.pool_size = pool
+        self.agent_shape = agent_shape
         self.grid_size = _pair(grid_size, "grid_size")
         self.num_prefix_tokens = num_prefix_tokens
         self.attn_drop = attn_drop
@@ -145,7 +162,16 @@ class AgentAttention(nn.Module):
         else:
             self.register_parameter("ac_bias", None)
             self.register_parameter("ca_bias", None)
-        self.gate = create_gate(gate, dim, num_heads, self.head_dim, bias=qkv_bias, **dd)
+        self.gate = create_gate(
+            gate,
+            dim,
+            num_heads,
+            self.head_dim,
+            bias=qkv_bias,
+            moh_topk=moh_topk,
+            moh_shared_heads=moh_shared_heads,
+            **dd,
+        )
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self._bias_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -194,7 +220,16 @@ class AgentAttention(nn.Module):
     def _build_biases(self, height: int, width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         agent = self._position_bias(self.an_bias, self.ah_bias, self.aw_bias, self.ac_bias, height, width)
         token = self._position_bias(self.na_bias, self.ha_bias, self.wa_bias, self.ca_bias, height, width)
+        if self.agent_shape != (self.pool_size, self.pool_size):
+            agent, token = self._resize_agents(agent), self._resize_agents(token)
         return agent.to(dtype), token.transpose(-1, -2).to(dtype)
+
+    def _resize_agents(self, bias: torch.Tensor) -> torch.Tensor:
+        """``(heads, s*s, L)`` -> ``(heads, ah*aw, L)``: bilinear along the agent grid (``align_corners=False``)."""
+        heads, _, length = bias.shape
+        grid = bias.reshape(heads, self.pool_size, self.pool_size, length).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=self.agent_shape, mode="bilinear", align_corners=False)
+        return grid.flatten(2).transpose(1, 2)
 
     @torch.jit.unused
     def _cached_biases(self, height: int, width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,14 +260,15 @@ class AgentAttention(nn.Module):
         """``tokens``: ``(B, P + H*W, C)`` -> ``(B, P + H*W, C)``."""
         B, N, C = tokens.shape
         P = self.num_prefix_tokens
-        h, d, n = self.num_heads, self.head_dim, self.agent_num
+        h, d = self.num_heads, self.head_dim
+        n = self.agent_shape[0] * self.agent_shape[1]
         # token-major (B, N, heads, d) views; unbinding the qkv axis in place keeps the backward to one stack
         q_t, k_t, v_t = self.qkv(tokens).view(B, N, 3, h, d).unbind(2)
         q, k, v = q_t.transpose(1, 2), k_t.transpose(1, 2), v_t.transpose(1, 2)  # (B, heads, N, d)
 
         # agents: the patch queries (all heads at once, channels-last view) average-pooled to an s x s grid,
         # pre-multiplied by the softmax scale -> (B, heads, n, d)
-        agents = F.adaptive_avg_pool2d(self._patch_map(q_t, height, width), self.pool_size)
+        agents = F.adaptive_avg_pool2d(self._patch_map(q_t, height, width), self.agent_shape)
         agents = agents.permute(0, 2, 3, 1).reshape(B, n, h, d).transpose(1, 2) * d**-0.5
 
         agent_bias, token_bias = self._biases(height, width, q.dtype)
@@ -295,8 +331,8 @@ class AgentAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"dim={self.dim}, num_heads={self.num_heads}, agent_num={self.agent_num}, grid_size={self.grid_size}, "
-            f"num_prefix_tokens={self.num_prefix_tokens}"
+            f"dim={self.dim}, num_heads={self.num_heads}, agent_num={self.agent_num}, agent_shape={self.agent_shape}, "
+            f"grid_size={self.grid_size}, num_prefix_tokens={self.num_prefix_tokens}"
         )
 
 

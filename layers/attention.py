@@ -28,7 +28,9 @@ class Attention(nn.Module):
         qkv_bias: bias of the fused ``qkv`` projection.
         qk_norm: normalise queries and keys per head with ``norm_layer``.
         scale_norm: normalise the attention output (before the gate and projection) with ``norm_layer``.
-        gate: output gate, ``"none"``, ``"headwise"`` or ``"elementwise"`` (see :mod:`attnzoo.layers.gate`).
+        gate: output gate, ``"none"``, ``"headwise"``, ``"elementwise"`` or ``"moh"`` (see :mod:`attnzoo.layers.gate`).
+        moh_topk, moh_shared_heads: routed heads active per token and always-active heads of ``gate="moh"``
+            (mixture-of-head routing, :class:`~attnzoo.layers.MoHGate`).
     """
 
     def __init__(
@@ -41,6 +43,8 @@ class Attention(nn.Module):
         scale_norm: bool = False,
         proj_bias: bool = True,
         gate: str = "none",
+        moh_topk: int | None = None,
+        moh_shared_heads: int = 0,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         norm_layer: type[nn.Module] | None = None,
@@ -62,7 +66,9 @@ class Attention(nn.Module):
         self.k_norm = norm_layer(head_dim, **dd) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.norm = norm_layer(self.attn_dim, **dd) if scale_norm else nn.Identity()
-        self.gate = create_gate(gate, dim, num_heads, head_dim, bias=qkv_bias, **dd)
+        self.gate = create_gate(
+            gate, dim, num_heads, head_dim, bias=qkv_bias, moh_topk=moh_topk, moh_shared_heads=moh_shared_heads, **dd
+        )
         self.proj = nn.Linear(self.attn_dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -73,7 +79,8 @@ class Attention(nn.Module):
 
         Returns the output before the projection ``(B, N, heads * head_dim)`` and the keys ``(B, heads, N,
         head_dim)`` (token merging's similarity metric). Reads only the sub-modules and attributes that timm's
-        ``Attention`` has too (its ``gate`` is a plain ``Linear``, elementwise), so token merging runs it on either.
+        ``Attention`` has too (its ``gate`` is a plain ``Linear``, elementwise), so token merging runs it on either;
+        a :class:`~attnzoo.layers.MoHGate` is called as a module.
         """
         B, N, _ = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -83,7 +90,10 @@ class Attention(nn.Module):
         )
         out = self.norm(out.transpose(1, 2).reshape(B, N, self.attn_dim))
         if self.gate is not None:
-            out = gate_output(out, F.linear(x, self.gate.weight, self.gate.bias), self.num_heads)
+            if hasattr(self.gate, "routed_heads"):  # a MoHGate (TorchScript resolves hasattr statically)
+                out = self.gate(x, out)
+            else:
+                out = gate_output(out, F.linear(x, self.gate.weight, self.gate.bias), self.num_heads)
         return out, k
 
     def forward(

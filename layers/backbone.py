@@ -22,7 +22,7 @@ from timm.layers import (
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
-from .simpool import SimPoolClassifierHead
+from .pool_head import ATTENTION_POOL_TYPES, AttentionPoolClassifierHead
 
 BlockFactory = Callable[[int, int, float], nn.Module]
 """``make_block(stage_index, block_index, drop_path) -> block``."""
@@ -72,8 +72,12 @@ class HierarchicalVisionTransformer(nn.Module):
         stem_stride: total stride of the stem.
         stage_strides: stride of each stage's downsampling (default: 1 for the first stage, 2 after).
         norm_layer: final channels-last norm on the last stage (``None``: no final norm).
+        out_norm_layer: one channels-last norm per stage output (``out_norms.{i}``), applied to the maps that
+            ``forward_intermediates`` / ``features_only`` return, never to the input of the next stage (the output
+            norms of the official detection / segmentation backbones; ``None``: none).
         num_classes, global_pool, drop_rate: classifier head (timm ``ClassifierHead`` on NHWC maps;
-            ``global_pool="simpool"``: SimPool attention pooling, :class:`attnzoo.layers.SimPoolClassifierHead`);
+            ``global_pool="simpool"`` / ``"ep"``: SimPool / efficient-probing attention pooling,
+            :class:`attnzoo.layers.AttentionPoolClassifierHead`);
             ``reset_classifier`` switches between all of them.
 
     ``forward_features`` returns an NHWC map (``output_fmt = "NHWC"``); ``forward_intermediates`` returns stage
@@ -90,6 +94,7 @@ class HierarchicalVisionTransformer(nn.Module):
         stem_stride: int = 4,
         stage_strides: Sequence[int] | None = None,
         norm_layer: Callable[..., nn.Module] | None = LayerNorm,
+        out_norm_layer: Callable[..., nn.Module] | None = None,
         num_classes: int = 1000,
         global_pool: str = "avg",
         in_chans: int = 3,
@@ -114,7 +119,8 @@ class HierarchicalVisionTransformer(nn.Module):
             reduction *= stride
             self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f"stages.{i}"))
         self.norm = norm_layer(self.num_features, **dd) if norm_layer is not None else nn.Identity()
-        head_layer = SimPoolClassifierHead if global_pool == "simpool" else ClassifierHead
+        self.out_norms = nn.ModuleList([out_norm_layer(dim, **dd) for dim in dims] if out_norm_layer else [])
+        head_layer = AttentionPoolClassifierHead if global_pool in ATTENTION_POOL_TYPES else ClassifierHead
         self.head = head_layer(
             self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC", **dd
         )
@@ -122,7 +128,8 @@ class HierarchicalVisionTransformer(nn.Module):
 
     @staticmethod
     def _init_linear(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
+        # meta tensors hold no values: skip the (slow, value-free) initialisation of models built on the meta device
+        if isinstance(module, nn.Linear) and module.weight.device.type != "meta":
             trunc_normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -147,6 +154,7 @@ class HierarchicalVisionTransformer(nn.Module):
                 (r"^stages\.(\d+)\.downsample", (0,)),
                 (r"^stages\.(\d+)\.blocks\.(\d+)", None),
                 (r"^norm", (99999,)),
+                (r"^out_norms", (99999,)),
             ],
         )
 
@@ -161,10 +169,11 @@ class HierarchicalVisionTransformer(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
-        if global_pool == "simpool" and not isinstance(self.head, SimPoolClassifierHead):
-            self.head = SimPoolClassifierHead(
+        if global_pool in ATTENTION_POOL_TYPES and not isinstance(self.head, AttentionPoolClassifierHead):
+            self.head = AttentionPoolClassifierHead(
                 self.num_features,
                 num_classes,
+                pool_type=global_pool,
                 drop_rate=self.drop_rate,
                 input_fmt="NHWC",
                 **get_device_dtype(self),
@@ -184,9 +193,13 @@ class HierarchicalVisionTransformer(nn.Module):
         intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Stage outputs (``indices``: last n if int, all if None) and, unless ``intermediates_only``, the final
-        features. ``norm`` applies the final norm to the last stage's intermediate."""
+        features. ``norm`` applies the final norm to the last stage's intermediate; a model with output norms
+        (``out_norms``) passes every intermediate through its stage's output norm instead (``norm`` must be False)."""
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        out_norms = len(self.out_norms) > 0
+        if norm and out_norms:
+            raise ValueError("norm=True applies the classification norm; this model has output norms (out_norms)")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last = len(self.stages) - 1
         stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
@@ -196,7 +209,7 @@ class HierarchicalVisionTransformer(nn.Module):
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in take_indices:
-                x_inter = self.norm(x) if norm and i == last else x
+                x_inter = self.out_norms[i](x) if out_norms else self.norm(x) if norm and i == last else x
                 intermediates.append(x_inter.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else x_inter)
         if intermediates_only:
             return intermediates
@@ -207,12 +220,15 @@ class HierarchicalVisionTransformer(nn.Module):
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
-        """Drop the stages after the last of ``indices`` (and the norm / head); returns the kept indices."""
+        """Drop the stages (and output norms) after the last of ``indices`` (and the norm / head); returns the kept
+        indices."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         prune_end = max_index < len(self.stages) - 1
         if prune_norm or prune_end:
             self.norm = nn.Identity()
         self.stages = self.stages[: max_index + 1]
+        if len(self.out_norms):
+            self.out_norms = self.out_norms[: max_index + 1]
         if prune_end:
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
         if prune_head or prune_end:

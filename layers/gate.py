@@ -3,7 +3,8 @@
 ``y' = y * sigmoid(x W_g)`` where ``y`` is the per-head attention output before the output projection and ``x`` the
 (pre-normed) mixer input. ``elementwise`` learns one gate per channel of every head (width ``heads * head_dim``, the
 layout of timm's ``Attention(gated=True)``, whose ``attn.gate.{weight,bias}`` keys it shares); ``headwise`` learns one
-scalar per head (width ``heads``).
+scalar per head (width ``heads``). ``moh`` replaces the sigmoid by mixture-of-head routing (:mod:`attnzoo.layers.moh`:
+top-``moh_topk`` routed heads plus ``moh_shared_heads`` always-active ones, weighted by a learned router).
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-GATE_MODES = ("none", "headwise", "elementwise")
+from .moh import MoHGate
+
+GATE_MODES = ("none", "headwise", "elementwise")  # the sigmoid output gates
+GATES = (*GATE_MODES, "moh")  # every gate kind a mixer takes
 
 
 def gate_output(y: torch.Tensor, logits: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -67,11 +71,28 @@ class OutputGate(nn.Linear):
 
 
 def create_gate(
-    gate: str | None, dim: int, num_heads: int, head_dim: int, bias: bool = True, device=None, dtype=None
-) -> OutputGate | None:
-    """Build the output gate named by ``gate`` (one of :data:`GATE_MODES`); ``"none"``/``None`` gives ``None``."""
+    gate: str | None,
+    dim: int,
+    num_heads: int,
+    head_dim: int,
+    bias: bool = True,
+    moh_topk: int | None = None,
+    moh_shared_heads: int = 0,
+    device=None,
+    dtype=None,
+) -> OutputGate | MoHGate | None:
+    """Build the output gate named by ``gate`` (one of :data:`GATES`); ``"none"``/``None`` gives ``None``.
+    ``moh_topk`` / ``moh_shared_heads`` configure ``gate="moh"`` (:class:`~attnzoo.layers.MoHGate`) and are errors
+    with any other gate."""
+    if gate is not None and gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    if gate != "moh" and (moh_topk is not None or moh_shared_heads):
+        raise ValueError(
+            f"moh_topk / moh_shared_heads only apply to gate='moh', got gate={gate!r} with moh_topk={moh_topk}, "
+            f"moh_shared_heads={moh_shared_heads}"
+        )
     if gate is None or gate == "none":
         return None
-    if gate not in GATE_MODES:
-        raise ValueError(f"gate must be one of {GATE_MODES}, got {gate!r}")
+    if gate == "moh":
+        return MoHGate(dim, num_heads, head_dim, moh_topk, moh_shared_heads, device=device, dtype=dtype)
     return OutputGate(dim, num_heads, head_dim, mode=gate, bias=bias, device=device, dtype=dtype)

@@ -36,6 +36,7 @@ from .token_merging import ToMeReducer, proportional_attention_mask
 from .token_pooling import TokenPoolingReducer
 from .token_reduction import BlockAttention, TokenReducer, compose_token_map, restore_tokens, store_pruned_tokens
 from .vit_intermediates import vit_forward_intermediates
+from .vit_pool import ZooVisionTransformer
 
 __all__ = [
     "REDUCTION_METHODS",
@@ -282,8 +283,9 @@ class TokenReductionMixin:
 TokenMergingMixin = TokenReductionMixin  # the ToMe-era name
 
 
-class TokenReductionVisionTransformer(TokenReductionMixin, VisionTransformer):
-    """timm's ``VisionTransformer`` with token reduction (same parameters and checkpoints).
+class TokenReductionVisionTransformer(TokenReductionMixin, ZooVisionTransformer):
+    """timm's ``VisionTransformer`` with token reduction (same parameters and checkpoints; the zoo's attention-pool
+    heads, :class:`~attnzoo.layers.ZooVisionTransformer`).
 
     The subclasses fix ``method``; their keyword arguments are the method's (see the reducers: ToMe ``r``; PPT ``r``,
     ``locations``, ``threshold``; Token Pooling ``keep_ratio``, ``num_clusters``, ``locations``, ``iterations``,
@@ -317,7 +319,7 @@ class TokenPoolingVisionTransformer(TokenReductionVisionTransformer):
     method = "token_pooling"
 
 
-_REDUCTION_CLASSES: dict[type, type] = {VisionTransformer: TokenReductionVisionTransformer}
+_REDUCTION_CLASSES: dict[type, type] = {ZooVisionTransformer: TokenReductionVisionTransformer}
 
 
 def _reduction_class(base: type) -> type:

@@ -48,7 +48,9 @@ class BiLevelRoutingAttention(MapTokenMixer):
         qk_dim: width of queries and keys (default ``dim``).
         qk_scale: logit scale; default ``qk_dim ** -0.5`` (the official scale, over the full width).
         side_dwconv: kernel of the depthwise LCE conv on V.
-        gate: output gate on the attention output, ``"none"``, ``"headwise"`` or ``"elementwise"``.
+        gate: output gate on the attention output, ``"none"``, ``"headwise"``, ``"elementwise"`` or ``"moh"``.
+        moh_topk, moh_shared_heads: routed heads active per token and always-active heads of ``gate="moh"``
+            (mixture-of-head routing, :class:`~attnzoo.layers.MoHGate`).
         backend: routed-attention backend, ``"auto"``, ``"triton"`` or ``"reference"``.
         padding: ``"zero"`` (official: pad the input, padded tokens take part) or ``"mask"`` (padded tokens are
             excluded; see the module docstring).
@@ -66,6 +68,8 @@ class BiLevelRoutingAttention(MapTokenMixer):
         qk_scale: float | None = None,
         side_dwconv: int = 5,
         gate: str = "none",
+        moh_topk: int | None = None,
+        moh_shared_heads: int = 0,
         qkv_bias: bool = True,
         proj_bias: bool = True,
         proj_drop: float = 0.0,
@@ -95,7 +99,16 @@ class BiLevelRoutingAttention(MapTokenMixer):
         self.padding = padding
         self.qkv = nn.Linear(dim, 2 * qk_dim + dim, bias=qkv_bias, **dd)
         self.lepe = _depthwise(dim, side_dwconv, **dd)
-        self.gate = create_gate(gate, dim, num_heads, dim // num_heads, bias=qkv_bias, **dd)
+        self.gate = create_gate(
+            gate,
+            dim,
+            num_heads,
+            dim // num_heads,
+            bias=qkv_bias,
+            moh_topk=moh_topk,
+            moh_shared_heads=moh_shared_heads,
+            **dd,
+        )
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -138,7 +151,8 @@ class BiLevelRoutingAttention(MapTokenMixer):
 @register_mixer("attention_lepe")
 class GlobalAttentionLePE(Attention):
     """Global multi-head attention plus a depthwise conv of its input (BiFormer's last stage, ``AttentionLePE``):
-    ``proj(gate(SDPA(q, k, v)) + DWConv(x))`` on ``(B, H, W, C)``. Keys ``qkv``, ``lepe``, ``proj`` as official."""
+    ``proj(gate(SDPA(q, k, v)) + DWConv(x))`` on ``(B, H, W, C)``. Keys ``qkv``, ``lepe``, ``proj`` as official; the
+    arguments are :class:`Attention`'s."""
 
     def __init__(
         self,
@@ -148,6 +162,8 @@ class GlobalAttentionLePE(Attention):
         qkv_bias: bool = False,
         proj_bias: bool = True,
         gate: str = "none",
+        moh_topk: int | None = None,
+        moh_shared_heads: int = 0,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         device=None,
@@ -159,6 +175,8 @@ class GlobalAttentionLePE(Attention):
             qkv_bias=qkv_bias,
             proj_bias=proj_bias,
             gate=gate,
+            moh_topk=moh_topk,
+            moh_shared_heads=moh_shared_heads,
             attn_drop=attn_drop,
             proj_drop=proj_drop,
             device=device,

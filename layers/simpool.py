@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, LayerNorm, get_device_dtype
+from timm.layers import LayerNorm
 
-__all__ = ["SimPool", "SimPoolClassifierHead"]
+__all__ = ["SimPool"]
 
 
 class SimPool(nn.Module):
@@ -87,64 +87,3 @@ class SimPool(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, gamma={self.gamma}, input_fmt={self.input_fmt}"
-
-
-class SimPoolClassifierHead(ClassifierHead):
-    """timm's ``ClassifierHead`` that also accepts ``pool_type="simpool"`` (pooling by :class:`SimPool`).
-
-    Other pool types behave as in ``ClassifierHead``; ``reset(num_classes, pool_type)`` switches between them (a new
-    SimPool is created when switching to ``"simpool"`` or when ``in_features`` changes).
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        num_classes: int,
-        pool_type: str = "simpool",
-        drop_rate: float = 0.0,
-        input_fmt: str = "NHWC",
-        simpool_heads: int = 1,
-        simpool_gamma: float | None = None,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__(
-            in_features,
-            num_classes,
-            pool_type="" if pool_type == "simpool" else pool_type,
-            drop_rate=drop_rate,
-            input_fmt=input_fmt,
-            device=device,
-            dtype=dtype,
-        )
-        self.simpool_heads = simpool_heads
-        self.simpool_gamma = simpool_gamma
-        if pool_type == "simpool":
-            self.global_pool = self._simpool(device=device, dtype=dtype)
-
-    def _simpool(self, device=None, dtype=None) -> SimPool:
-        return SimPool(
-            self.in_features,
-            num_heads=self.simpool_heads,
-            gamma=self.simpool_gamma,
-            input_fmt=self.input_fmt,
-            device=device,
-            dtype=dtype,
-        ).train(self.training)
-
-    def reset(
-        self,
-        num_classes: int,
-        pool_type: str | None = None,
-        reset_other: bool = False,
-        in_features: int | None = None,
-        device=None,
-        dtype=None,
-    ) -> None:
-        if pool_type == "simpool" or (pool_type is None and isinstance(self.global_pool, SimPool)):
-            if in_features is not None:
-                self.in_features = in_features
-            if not isinstance(self.global_pool, SimPool) or self.global_pool.dim != self.in_features:
-                self.global_pool = self._simpool(**get_device_dtype(self, device=device, dtype=dtype))
-            pool_type = None
-        super().reset(num_classes, pool_type, reset_other, in_features, device=device, dtype=dtype)

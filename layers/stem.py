@@ -66,3 +66,35 @@ class OverlapPatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x)).permute(0, 2, 3, 1)
+
+
+class DeepConvStem(nn.Module):
+    """Four 3x3 convolutions, strides 2-1-2-1 (stride 4 in all), widths ``C/2, C/2, C, C``, each followed by a norm
+    and all but the last by an activation (RMT / PPMA; ``proj.{0, 3, 6, 9}`` are the convolutions, ``proj.{1, 4, 7,
+    10}`` the norms). NCHW in, channels-last out."""
+
+    stride = 4
+
+    def __init__(
+        self,
+        in_chans: int,
+        embed_dim: int,
+        norm_layer: type[nn.Module] = nn.BatchNorm2d,
+        act_layer: type[nn.Module] = nn.GELU,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        widths = (embed_dim // 2, embed_dim // 2, embed_dim, embed_dim)
+        layers: list[nn.Module] = []
+        in_width = in_chans
+        for i, (width, stride) in enumerate(zip(widths, (2, 1, 2, 1))):
+            layers += [nn.Conv2d(in_width, width, 3, stride=stride, padding=1, **dd), norm_layer(width, **dd)]
+            if i < len(widths) - 1:
+                layers.append(act_layer())
+            in_width = width
+        self.proj = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)

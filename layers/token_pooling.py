@@ -58,12 +58,22 @@ def weighted_kmedoids(
     Initialised with the ``k`` highest ``score`` ``(B, n)`` (default: the weights), then ``iterations`` assign /
     update rounds. Returns the medoids ``(B, k)`` (token indices, ascending) and each token's cluster ``(B, n)`` (an
     index into the medoids).
+
+    An image whose tokens, weights or scores are not finite (NaN/inf input) has no meaningful clustering: it is
+    clustered as if all its tokens were equal (valid indices, the first ``k`` tokens as medoids), so the damage stays
+    in that image (its pooled tokens carry the non-finite values) and the other images are clustered as usual.
     """
     if not 1 <= k <= x.shape[1]:
         raise ValueError(f"the number of clusters must be in [1, {x.shape[1]}] (the tokens), got {k}")
+    score = weight if score is None else score
     sq_norm = (x * x).sum(dim=-1)
     distance = sq_norm.unsqueeze(2) + sq_norm.unsqueeze(1) - 2 * x @ x.transpose(1, 2)  # (B, n, n)
-    medoids = (weight if score is None else score).topk(k, dim=-1).indices
+    # NaN/inf images (comparisons with NaN would select no index): all-equal tokens instead; branch-free for tracing
+    finite = distance.isfinite().all(dim=2).all(dim=1) & weight.isfinite().all(dim=1) & score.isfinite().all(dim=1)
+    x, sq_norm = torch.where(finite.view(-1, 1, 1), x, 0.0), torch.where(finite.view(-1, 1), sq_norm, 0.0)
+    distance = torch.where(finite.view(-1, 1, 1), distance, 0.0)
+    weight, score = torch.where(finite.view(-1, 1), weight, 1.0), torch.where(finite.view(-1, 1), score, 0.0)
+    medoids = score.topk(k, dim=-1).indices
     for _ in range(iterations):
         medoids = _update(x, sq_norm, weight, _assign(distance, medoids), k)
     medoids = medoids.sort(dim=-1).values
@@ -146,9 +156,15 @@ class TokenPoolingReducer(TokenReducer):
             self.keep: list[float | int] = counts
         else:
             ratio = 0.6 if keep_ratio is None else keep_ratio
-            ratios = [ratio] * len(self.locations) if isinstance(ratio, (int, float)) else list(ratio)
-            if len(ratios) != len(self.locations):
-                raise TypeError(f"keep_ratio must be a float or one per location ({len(self.locations)}), got {ratio}")
+            if isinstance(ratio, (int, float)):
+                ratios = [ratio] * len(self.locations)
+            else:
+                ratios = list(ratio) if isinstance(ratio, Sequence) and not isinstance(ratio, str) else [ratio]
+            if len(ratios) != len(self.locations) or not all(isinstance(v, (int, float)) for v in ratios):
+                raise TypeError(
+                    f"keep_ratio must be a float in (0, 1] or a list of {len(self.locations)} (one per location), "
+                    f"got {ratio!r}"
+                )
             if any(isinstance(v, bool) or not 0.0 < v <= 1.0 for v in ratios):
                 raise ValueError(f"keep_ratio must be in (0, 1], got {ratios}")
             self.keep = [float(v) for v in ratios]

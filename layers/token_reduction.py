@@ -171,9 +171,17 @@ def reduction_locations(locations: Sequence[int] | None, depth: int, name: str =
 
 def per_location(value: int | Sequence[int], locations: list[int], name: str) -> list[int]:
     """``value`` (an int, or one int per location) as one non-negative int per location."""
-    values = [value] * len(locations) if isinstance(value, int) else list(value)
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        values = list(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        values = [value] * len(locations)
+    else:
+        values = [value]
     if any(isinstance(v, bool) or not isinstance(v, int) for v in values) or len(values) != len(locations):
-        raise TypeError(f"{name} must be an int or one int per location ({len(locations)}), got {value!r}")
+        raise TypeError(
+            f"{name} must be an int (tokens removed at each of the {len(locations)} locations) or a list of "
+            f"{len(locations)} ints, got {value!r}"
+        )
     if any(v < 0 for v in values):
         raise ValueError(f"{name} must be >= 0, got {values}")
     return values

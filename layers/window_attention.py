@@ -22,6 +22,8 @@ from timm.layers import trunc_normal_
 from .gate import create_gate
 from .mixer import MapTokenMixer, register_mixer
 
+WINDOW_PADDINGS = ("mask", "zero")
+
 
 def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
     """``value`` as an ``(h, w)`` pair of ints; ``name`` is used in the error message."""
@@ -90,9 +92,15 @@ class WindowAttention2d(MapTokenMixer):
         shift_size: cyclic shift of the windows (int or ``(h, w)``), ``0 <= shift_size < window_size`` per axis.
         qkv_bias: bias of the fused ``qkv`` projection (and of the gate).
         proj_bias: bias of the output projection.
-        gate: output gate, ``"none"``, ``"headwise"`` or ``"elementwise"`` (see :mod:`attnzoo.layers.gate`).
+        gate: output gate, ``"none"``, ``"headwise"``, ``"elementwise"`` or ``"moh"`` (see :mod:`attnzoo.layers.gate`).
+        moh_topk, moh_shared_heads: routed heads active per token and always-active heads of ``gate="moh"``
+            (mixture-of-head routing, :class:`~attnzoo.layers.MoHGate`).
         attn_drop: dropout on the attention weights (training only).
         proj_drop: dropout after the output projection.
+        clamp_window: ``True``: a map side not larger than the window gets one unshifted window covering it;
+            ``False``: windows keep ``window_size`` and the shift whatever the map size (official downstream).
+        padding: the zero-padded tokens of maps that are not multiples of the window: ``"mask"`` (hidden from the
+            real queries) or ``"zero"`` (they take part, as in the official downstream backbones).
     """
 
     def __init__(
@@ -104,13 +112,19 @@ class WindowAttention2d(MapTokenMixer):
         qkv_bias: bool = True,
         proj_bias: bool = True,
         gate: str = "none",
+        moh_topk: int | None = None,
+        moh_shared_heads: int = 0,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        clamp_window: bool = True,
+        padding: str = "mask",
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
+        if padding not in WINDOW_PADDINGS:
+            raise ValueError(f"padding must be one of {WINDOW_PADDINGS}, got {padding!r}")
         window_size = _pair(window_size, "window_size")
         shift_size = _pair(shift_size, "shift_size")
         if min(window_size) < 1:
@@ -128,6 +142,8 @@ class WindowAttention2d(MapTokenMixer):
         self.window_size = window_size
         self.shift_size = shift_size
         self.attn_drop = attn_drop
+        self.clamp_window = clamp_window
+        self.padding = padding
 
         win_h, win_w = window_size
         self.relative_position_bias_table = nn.Parameter(
@@ -139,7 +155,16 @@ class WindowAttention2d(MapTokenMixer):
             persistent=False,
         )
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
-        self.gate = create_gate(gate, dim, num_heads, self.head_dim, bias=qkv_bias, **dd)
+        self.gate = create_gate(
+            gate,
+            dim,
+            num_heads,
+            self.head_dim,
+            bias=qkv_bias,
+            moh_topk=moh_topk,
+            moh_shared_heads=moh_shared_heads,
+            **dd,
+        )
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.reset_parameters()
@@ -172,29 +197,33 @@ class WindowAttention2d(MapTokenMixer):
     ) -> torch.Tensor:
         """Allowed attention ``(nW, N, N)`` (bool) on the padded, rolled ``Hp x Wp`` map.
 
-        A query sees a key of its window if both come from the same region of the shifted map and the key is a real
-        (not padded) token. Padded queries, whose outputs are cropped, see their whole region so that no row of the
-        mask is empty (an all-masked row would give NaN).
+        A query sees a key of its window if both come from the same region of the shifted map and (``padding="mask"``)
+        the key is a real (not padded) token. Padded queries, whose outputs are cropped, see their whole region so
+        that no row of the mask is empty (an all-masked row would give NaN).
         """
         region = _shift_regions(Hp, win[0], shift[0], device)[:, None] * 3 + _shift_regions(
             Wp, win[1], shift[1], device
         )
+        region = _window_partition(region[None, :, :, None], *win)[0, ..., 0]  # (nW, N)
+        same_region = region[:, :, None] == region[:, None, :]
+        if self.padding == "zero":
+            return same_region
         real = (torch.arange(Hp, device=device) < H)[:, None] & (torch.arange(Wp, device=device) < W)
         real = torch.roll(real, shifts=(-shift[0], -shift[1]), dims=(0, 1))
-        region = _window_partition(region[None, :, :, None], *win)[0, ..., 0]  # (nW, N)
         real = _window_partition(real[None, :, :, None], *win)[0, ..., 0]  # (nW, N)
-        same_region = region[:, :, None] == region[:, None, :]
         return same_region & (real[:, None, :] | ~real[:, :, None])
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(B, H, W, C)`` for any ``H, W``. Returns ``(B, H, W, C)``."""
         B, H, W, C = x.shape
-        # An axis not longer than the window gets one window covering it, unshifted.
-        win = (min(self.window_size[0], H), min(self.window_size[1], W))
-        shift = (
-            self.shift_size[0] if self.window_size[0] < H else 0,
-            self.shift_size[1] if self.window_size[1] < W else 0,
-        )
+        if self.clamp_window:  # an axis not longer than the window gets one window covering it, unshifted
+            win = (min(self.window_size[0], H), min(self.window_size[1], W))
+            shift = (
+                self.shift_size[0] if self.window_size[0] < H else 0,
+                self.shift_size[1] if self.window_size[1] < W else 0,
+            )
+        else:
+            win, shift = self.window_size, self.shift_size
         pad_h, pad_w = (-H) % win[0], (-W) % win[1]
         Hp, Wp = H + pad_h, W + pad_w
 
@@ -216,7 +245,7 @@ class WindowAttention2d(MapTokenMixer):
             .unbind(0)
         )
         bias = self._relative_position_bias(*win).to(q.dtype)  # (heads, N, N)
-        if shift[0] or shift[1] or pad_h or pad_w:
+        if shift[0] or shift[1] or ((pad_h or pad_w) and self.padding == "mask"):
             allowed = self._window_mask(H, W, Hp, Wp, win, shift, x.device)  # (nW, N, N)
             attn_mask = bias.unsqueeze(0).masked_fill(~allowed.unsqueeze(1), float("-inf"))
         else:
@@ -243,5 +272,6 @@ class WindowAttention2d(MapTokenMixer):
 
     def extra_repr(self) -> str:
         return (
-            f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, shift_size={self.shift_size}"
+            f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, "
+            f"shift_size={self.shift_size}, clamp_window={self.clamp_window}, padding={self.padding}"
         )

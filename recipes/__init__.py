@@ -1,6 +1,8 @@
 """Lightning training recipes: image classification (module, data module, callbacks, samplers, configs, the
-LightningCLI entry point ``attnzoo fit|validate|test|predict``) and COCO detection (:mod:`.detection`:
-``build_detector``, ``ObjectDetector``, ``CocoDataModule``, ``attnzoo detect``).
+LightningCLI entry point ``attnzoo fit|validate|test|predict``; frozen-backbone probing, :mod:`.probe`), COCO
+detection (:mod:`.detection`: ``build_detector``, ``ObjectDetector``, ``CocoDataModule``, ``attnzoo detect``) and
+ADE20K semantic segmentation (:mod:`.segmentation`: ``build_segmenter``, ``SemanticSegmenter``,
+``SegmentationDataModule``, ``attnzoo segment``).
 
 The public classes are importable from here (``from attnzoo.recipes import ImageClassifier, ImageDataModule``); they
 are loaded on first use, so ``import attnzoo.recipes`` alone does not import Lightning.
@@ -16,6 +18,8 @@ _EXPORTS = {
     "ImageClassifier": "module",
     "ImageDataModule": "data",
     "AspectBinDataset": "data",
+    "ProbedModel": "probe",
+    "load_probed_model": "probe",
     "ExportWeights": "callbacks",
     "LoggedLearningRate": "callbacks",
     "PredictionWriter": "callbacks",
@@ -35,6 +39,9 @@ _EXPORTS = {
     "build_detector": "detection.build",
     "ObjectDetector": "detection.module",
     "CocoDataModule": "detection.data",
+    "build_segmenter": "segmentation.build",
+    "SemanticSegmenter": "segmentation.module",
+    "SegmentationDataModule": "segmentation.data",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -3,7 +3,10 @@ clean-up of temporary files that a killed run left beside its checkpoints."""
 
 from __future__ import annotations
 
+import csv
+import io
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +15,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
-from .checkpoint_io import remove_stale_temp_files
+from .checkpoint_io import atomic_write, remove_stale_temp_files
+from .datasets import dataset_file_names
 from .export import CONFIG_NAME, WEIGHTS_NAME, export_for_timm
 
 __all__ = [
@@ -170,7 +174,9 @@ class ExportWeights(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         directory = self._directory(trainer)
-        found = [n for n in (WEIGHTS_NAME, CONFIG_NAME) if (directory / n).exists()] if trainer.is_global_zero else []
+        found = (
+            [n for n in (WEIGHTS_NAME, CONFIG_NAME) if os.path.lexists(directory / n)] if trainer.is_global_zero else []
+        )
         found = trainer.strategy.broadcast(found, src=0)
         if found and not self.overwrite:
             raise FileExistsError(
@@ -217,33 +223,44 @@ class RemoveStaleTempFiles(Callback):
 
 
 class PredictionWriter(BasePredictionWriter):
-    """``attnzoo predict`` output: one CSV row per real (non-padding) image with its dataset index, target (when
-    known) and top-k classes and probabilities, in ``<dirpath>/predictions_rank<r>.csv``."""
+    """``attnzoo predict`` output: one CSV row per real (non-padding) image with its dataset index, its file (the
+    path inside the split folder; empty for datasets without files, such as the embedded digits), target (when
+    known) and top-k classes and probabilities, in ``<dirpath>/predictions_rank<r>.csv``, written at the end of the
+    run (atomically; a link at that path is replaced, not followed)."""
+
+    HEADER = ("index", "file", "target", "classes", "probabilities")
 
     def __init__(self, dirpath: str | None = None, top_k: int = 5) -> None:
         super().__init__(write_interval="batch")
         self.dirpath, self.top_k = dirpath, top_k
+        self._rows: list[tuple] = []
+        self._files: list[str] | None = None
 
     def _path(self, trainer: pl.Trainer) -> Path:
         return Path(self.dirpath or trainer.default_root_dir) / f"predictions_rank{trainer.global_rank}.csv"
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        path = self._path(trainer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("index,target,classes,probabilities\n")
+        self._rows = []
+        dataset = getattr(trainer.datamodule, "datasets", {}).get("predict")
+        self._files = dataset_file_names(dataset) if dataset is not None else None
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         probs = prediction["probs"].float().cpu()
         top = probs.topk(min(self.top_k, probs.shape[-1]), dim=-1)
         real = prediction.get("is_real")
         target = prediction.get("target")
-        rows = []
-        for i, index in enumerate(batch_indices or range(len(probs))):
+        for i, index in enumerate(batch_indices or [None] * len(probs)):  # no indices: neither index nor file
             if real is not None and not bool(real[i]):
                 continue
+            file = self._files[index] if self._files is not None and index is not None else ""
             classes = " ".join(str(c) for c in top.indices[i].tolist())
             values = " ".join(f"{v:.4f}" for v in top.values[i].tolist())
             label = int(target[i]) if target is not None else ""
-            rows.append(f"{index},{label},{classes},{values}\n")
-        with self._path(trainer).open("a") as f:
-            f.writelines(rows)
+            self._rows.append(("" if index is None else index, file, label, classes, values))
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(self.HEADER)
+        writer.writerows(self._rows)
+        atomic_write(self._path(trainer), text.getvalue())

@@ -2,7 +2,8 @@
 
 Transforms follow the model's pretrained cfg (input size, crop_pct, interpolation, mean/std — any of which can be
 overridden) with the DeiT-style training pipeline: RandomResizedCrop, flip, RandAugment ``rand-m9-mstd0.5-inc1`` and
-random erasing 0.25. Samplers are built from the trainer's rank and world size (the CLI sets
+random erasing 0.25 (RandAugment's 0-bit posterize gives the all-black image of Pillow < 13 on every Pillow,
+see :mod:`.posterize`). Samplers are built from the trainer's rank and world size (the CLI sets
 ``use_distributed_sampler=False``): repeated augmentation for training, padded shards plus a real/padding flag for
 evaluation so that DDP metrics count every image exactly once.
 
@@ -36,13 +37,14 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from .datasets import build_dataset, dataset_class_names, dataset_num_classes
 from .loaders import LazyIterLoader, RankAwareDataModule
+from .posterize import patch_posterize
 from .samplers import (
     AspectRatioBatchSampler,
     PaddedEvalDataset,
     RepeatedAugSampler,
     SeededDataset,
     ShardedEvalSampler,
-    check_aspect_ratios,
+    check_aspect_ratio_bins,
     nearest_aspect_bin,
 )
 
@@ -155,7 +157,7 @@ class ImageDataModule(RankAwareDataModule):
             see :func:`image_sizes`) and is cropped to that bin's size (:func:`aspect_bin_size`; the crop ratio
             range ``ratio`` scaled by the bin's ratio; ``augment=False``: the evaluation transform at that size);
             every batch comes from one bin (:class:`~attnzoo.recipes.samplers.AspectRatioBatchSampler`, every image
-            at least once per epoch). ``num_repeats`` must then be 1.
+            at least once per epoch). ``num_repeats`` must then be 1. Ratios lie in ``[1/8, 8]``.
         aspect_ratio_multiple: both sides of a bin's size are multiples of this (the model's total stride).
         num_train_samples, num_eval_samples: keep only the first images of each split (quick runs).
         download: let torchvision datasets download (needs network).
@@ -207,7 +209,7 @@ class ImageDataModule(RankAwareDataModule):
         if num_repeats < 1:
             raise ValueError(f"num_repeats must be >= 1, got {num_repeats}")
         if aspect_ratio_bins is not None:
-            check_aspect_ratios(aspect_ratio_bins, "aspect_ratio_bins", distinct=True)
+            check_aspect_ratio_bins(aspect_ratio_bins)
             if num_repeats != 1:
                 raise ValueError(f"aspect_ratio_bins needs num_repeats=1, got num_repeats={num_repeats}")
         if aspect_ratio_multiple < 1:
@@ -247,7 +249,7 @@ class ImageDataModule(RankAwareDataModule):
         hp = self.hparams
         if not hp.augment:
             return timm.data.create_transform(**config, is_training=False)
-        return timm.data.create_transform(
+        transform = timm.data.create_transform(
             input_size=config["input_size"],
             is_training=True,
             scale=tuple(hp.scale),
@@ -262,6 +264,7 @@ class ImageDataModule(RankAwareDataModule):
             re_mode="pixel",
             re_count=1,
         )
+        return patch_posterize(transform)  # 0-bit posterize raises on Pillow >= 13 (see .posterize)
 
     # ------------------------------------------------------------------ datasets
     def _build(self, split: str, transform, class_map=None, training: bool = False) -> Dataset:

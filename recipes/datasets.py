@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Subset
 
 from .embedded import EMBEDDED_DATASETS, SPLITS, EmbeddedDigits
 
-__all__ = ["build_dataset", "dataset_class_names", "dataset_num_classes"]
+__all__ = ["build_dataset", "dataset_class_names", "dataset_file_names", "dataset_num_classes"]
 
 EMBEDDED_PREFIX = "embedded/"
 _SPLIT_SYNONYMS = {
@@ -138,3 +138,23 @@ def dataset_num_classes(ds: Dataset) -> int | None:
     """Number of classes of ``ds`` when the dataset says so (folder, torchvision and embedded datasets)."""
     names = dataset_class_names(ds)
     return len(names) if names is not None else None
+
+
+def dataset_file_names(ds: Dataset) -> list[str] | None:
+    """The image file of every item of ``ds`` (``names[i]`` for item ``i``), as a path inside the split folder, for
+    timm's folder and tar datasets (``Subset`` wrappers followed); ``None`` for datasets without files (torchvision's
+    arrays, the embedded digits)."""
+    indices = list(range(len(ds)))
+    base = ds
+    while isinstance(base, Subset):
+        base, indices = base.dataset, [int(base.indices[i]) for i in indices]
+    reader = getattr(base, "reader", None)
+    if reader is None or not hasattr(reader, "filenames"):
+        return None
+    try:
+        names = reader.filenames()
+    except (NotImplementedError, TypeError):
+        return None
+    if not names or any(name is None for name in names):
+        return None
+    return [str(names[i]) for i in indices]

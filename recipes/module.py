@@ -9,7 +9,11 @@ an EMA of the weights (timm's ``ModelEmaV3``, with optional warm-up) that is eva
 (``val/*`` and ``val_ema/*``). Gradient clipping, precision and the strategy are Trainer settings.
 
 A checkpoint restores only into the architecture it was trained with (``model_name``, ``model_kwargs``,
-``num_classes``); a different one is a ValueError naming the differing keys.
+``num_classes``, ``probe``, ``probe_kwargs``); a different one is a ValueError naming the differing keys.
+
+Frozen-backbone probing (``probe``: a head trained on the frozen model, optionally on cached features) is
+:mod:`attnzoo.recipes.probe`; mixture-of-head models (``gate="moh"``) get their routers' load-balance loss added to
+the task loss (``moh_balance_weight``, logged as ``train/moh_balance``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import difflib
 import os
 import random
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -34,11 +39,15 @@ from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 import attnzoo  # noqa: F401  (registers the zoo models into timm)
+from attnzoo.layers import moh_balance_loss
+
+from .probe import ProbedModel
+from .probe import cache_features as cache_probe_features
 
 __all__ = ["ARCHITECTURE_HPARAMS", "ImageClassifier", "check_model_name", "create_step_scheduler", "scaled_lr"]
 
 # the hyperparameters that fix the network (and so the checkpoint's keys and shapes)
-ARCHITECTURE_HPARAMS = ("model_name", "model_kwargs", "num_classes")
+ARCHITECTURE_HPARAMS = ("model_name", "model_kwargs", "num_classes", "probe", "probe_kwargs")
 
 
 def check_model_name(name: str) -> None:
@@ -130,6 +139,12 @@ class ImageClassifier(pl.LightningModule):
         grad_checkpointing: activation checkpointing through ``model.set_grad_checkpointing``.
         seed: seed of the per-step randomness (drop path, mixup): step ``(epoch, batch)`` on rank ``r`` always draws
             the same numbers, so a resumed run repeats an uninterrupted one.
+        probe: train only a head on the frozen model: ``linear``, ``ep``, ``simpool`` or ``attentive``
+            (:class:`~attnzoo.recipes.probe.ProbedModel`; ``None``: train the whole model); ``probe_kwargs`` go to
+            the head's pooling.
+        cache_features: with ``probe``, run the backbone once over the training and validation images and train on
+            the stored features (needs ``data.augment: false``; :func:`~attnzoo.recipes.probe.cache_features`).
+        moh_balance_weight: weight of the mixture-of-head load-balance loss (models with ``gate="moh"``).
     """
 
     def __init__(
@@ -159,6 +174,10 @@ class ImageClassifier(pl.LightningModule):
         compile: bool = False,
         grad_checkpointing: bool = False,
         seed: int = 0,
+        probe: str | None = None,
+        probe_kwargs: dict[str, Any] | None = None,
+        cache_features: bool = False,
+        moh_balance_weight: float = 0.01,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -169,6 +188,18 @@ class ImageClassifier(pl.LightningModule):
             raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
+        if (cache_features or probe_kwargs) and probe is None:
+            raise ValueError(
+                "model.cache_features and model.probe_kwargs need model.probe (linear, ep, simpool, attentive)"
+            )
+        if probe is not None and layer_decay is not None:
+            raise ValueError("model.layer_decay does not apply to a probe (only its head trains); set it to null")
+        if cache_features and (mixup > 0 or cutmix > 0):
+            raise ValueError(
+                "model.cache_features trains on stored features, which mixup/cutmix cannot mix; disable them"
+            )
+        if moh_balance_weight < 0:
+            raise ValueError(f"moh_balance_weight must be >= 0, got {moh_balance_weight}")
         self.model = self._create_model()
         self.num_classes: int = self.model.num_classes
         if grad_checkpointing:
@@ -206,10 +237,15 @@ class ImageClassifier(pl.LightningModule):
                 raise FileNotFoundError(f"model.pretrained: weights file {pretrained!r} not found")
             kwargs["pretrained_cfg_overlay"] = dict(file=pretrained)
             pretrained = True
+        if hp.probe is not None:
+            kwargs["num_classes"] = 0  # the probe brings its own classifier
         try:
-            return timm.create_model(hp.model_name, pretrained=pretrained, **kwargs)
+            model = timm.create_model(hp.model_name, pretrained=pretrained, **kwargs)
         except TypeError as err:
             raise TypeError(f"model.model_kwargs {sorted(kwargs)} rejected by {hp.model_name}: {err}") from err
+        if hp.probe is None:
+            return model
+        return ProbedModel(model, hp.probe, hp.num_classes or 1000, **(hp.probe_kwargs or {}))
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -218,6 +254,10 @@ class ImageClassifier(pl.LightningModule):
             raise ValueError(f"mixup/cutmix need an even data.batch_size, got {dm.batch_size}")
         if self.ema is not None and "fsdp" in type(self.trainer.strategy).__name__.lower():
             raise ValueError("the weight EMA (model.ema_decay) is not supported with FSDP; use DDP or disable it")
+        if self.hparams.probe is not None:  # the frozen backbone is in eval mode on purpose
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+        if stage == "fit" and self.hparams.cache_features:
+            cache_probe_features(self.model, dm, self.trainer.strategy.root_device)
 
     def global_batch_size(self) -> int:
         batch_size = getattr(self.trainer.datamodule, "batch_size", None)
@@ -288,6 +328,10 @@ class ImageClassifier(pl.LightningModule):
             loss = F.cross_entropy(self.model(x), target)
         else:
             loss = F.cross_entropy(self.model(x), target, label_smoothing=self.hparams.label_smoothing)
+        balance = moh_balance_loss(self.model)
+        if balance is not None:
+            self.log("train/moh_balance", balance, on_step=True, on_epoch=True, batch_size=x.shape[0])
+            loss = loss + self.hparams.moh_balance_weight * balance
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}")
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0])

@@ -31,10 +31,14 @@ __all__ = [
     "RepeatedAugSampler",
     "SeededDataset",
     "ShardedEvalSampler",
+    "check_aspect_ratio_bins",
     "check_aspect_ratios",
     "draw_seeds",
     "nearest_aspect_bin",
 ]
+
+
+MAX_BIN_RATIO = 8.0  # aspect_ratio_bins lie in [1 / MAX_BIN_RATIO, MAX_BIN_RATIO]
 
 
 def draw_seeds(seed: int, epoch: int, shape: int | tuple[int, ...]) -> torch.Tensor:
@@ -136,9 +140,12 @@ class RepeatedAugSampler(Sampler[int]):
         return zip(indices[start:].tolist(), seeds[start:].tolist())
 
 
-def check_aspect_ratios(values: Sequence[float] | torch.Tensor, name: str, distinct: bool = False) -> torch.Tensor:
+def check_aspect_ratios(
+    values: Sequence[float] | torch.Tensor, name: str, distinct: bool = False, max_ratio: float | None = None
+) -> torch.Tensor:
     """``values`` as a float64 tensor ``(N,)``; ValueError naming ``name`` unless it is a non-empty 1-D sequence of
-    finite positive ratios (and, with ``distinct``, without repeats)."""
+    finite positive ratios (with ``distinct``, without repeats; with ``max_ratio``, each in
+    ``[1 / max_ratio, max_ratio]``)."""
     ratios = torch.as_tensor(values, dtype=torch.float64)
     if ratios.ndim != 1 or len(ratios) == 0:
         raise ValueError(
@@ -146,9 +153,19 @@ def check_aspect_ratios(values: Sequence[float] | torch.Tensor, name: str, disti
         )
     if not bool(torch.isfinite(ratios).all() and (ratios > 0).all()):
         raise ValueError(f"{name} must hold finite positive width/height ratios, got {ratios.tolist()[:8]}")
+    if max_ratio is not None and not bool(((ratios >= 1 / max_ratio) & (ratios <= max_ratio)).all()):
+        raise ValueError(
+            f"{name} must hold width/height ratios in [1/{max_ratio:g}, {max_ratio:g}], got {ratios.tolist()[:8]}"
+        )
     if distinct and len(set(ratios.tolist())) != len(ratios):
         raise ValueError(f"{name} must be distinct, got {ratios.tolist()}")
     return ratios
+
+
+def check_aspect_ratio_bins(bins: Sequence[float], name: str = "aspect_ratio_bins") -> torch.Tensor:
+    """The target ratios of multi-aspect training: distinct width/height ratios in ``[1/8, 8]`` (:data:`MAX_BIN_RATIO`;
+    beyond that a bin's crops become absurd strips: ``1e9`` gave 32 x 1,011,936 px crops)."""
+    return check_aspect_ratios(bins, name, distinct=True, max_ratio=MAX_BIN_RATIO)
 
 
 def nearest_aspect_bin(aspect_ratios: Sequence[float] | torch.Tensor, bins: Sequence[float]) -> torch.Tensor:

@@ -10,14 +10,7 @@ import torch.nn.functional as F
 import attnzoo  # noqa: F401  (registers the models)
 from attnzoo.agent_swin import block_types
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are small; on a loaded 2-core machine intra-op threads only add synchronisation (measured 20x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 # published parameter counts (M); Swin's are given to 2 significant digits

@@ -60,7 +60,7 @@ def test_demo_trains_evaluates_exports_and_reloads(tmp_path, monkeypatch, capsys
     predict = ["predict", "--config", "demo/gated_vit_mnist.yaml", "--data.num_eval_samples", "40"]
     assert main([*predict, "--ckpt_path", "runs/demo/checkpoints/last.ckpt"]) == 0
     rows = (tmp_path / "runs/demo/predictions_rank0.csv").read_text().splitlines()
-    assert rows[0] == "index,target,classes,probabilities" and len(rows) == 41
+    assert rows[0] == "index,file,target,classes,probabilities" and len(rows) == 41  # embedded digits: no files
 
 
 @pytest.mark.parametrize("command", [[], ["profile"], ["models"], ["fit"], ["demo"]])

@@ -1,6 +1,8 @@
 """``attnzoo convert``: official / pickled / exported checkpoints -> a ``local-dir`` folder with identical logits."""
 
 import argparse
+import os
+import stat
 
 import pytest
 import timm
@@ -78,3 +80,44 @@ def test_bad_sources_are_rejected_and_leave_no_folder(tmp_path):
     (tmp_path / "taken" / "x").write_text("keep")
     with pytest.raises(FileExistsError, match="not an empty folder"):
         convert_checkpoint(name, tmp_path / "good.pth", tmp_path / "taken", img_size=32)
+
+
+@torch.no_grad()
+def test_the_printed_load_line_loads_the_converted_weights(tmp_path, capsys, one_thread):
+    import re
+
+    from attnzoo.cli import build_parser
+    from attnzoo.recipes import export as export_module
+
+    name = "gated_vit_tiny_patch16_224"
+    source = timm.create_model(name, img_size=32)
+    torch.save({"model": source.state_dict()}, tmp_path / "train.pth")
+    out = tmp_path / "converted"
+    assert (
+        main(["convert", "--model", name, "--src", str(tmp_path / "train.pth"), "--out", str(out), "--img-size", "32"])
+        == 0
+    )
+    call = re.search(r"load with (timm\.create_model\(.*\))\)", capsys.readouterr().out).group(1)
+    loaded = eval(call, {"timm": timm})  # the line a user copies
+    assert torch.equal(_logits(loaded, 32), _logits(source, 32))
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for text in (commands["convert"].description, export_module.__doc__):
+        assert "local-dir:" in text
+        assert all("pretrained=True" in line for line in text.splitlines() if "create_model(\"local-dir" in line
+                   or "create_model('local-dir" in line)  # fmt: skip
+
+
+def test_output_folder_gets_the_umask_and_a_symlink_is_named(tmp_path, one_thread):
+    name = "gated_vit_tiny_patch16_224"
+    torch.save({"model": timm.create_model(name, img_size=32).state_dict()}, tmp_path / "w.pth")
+    old_umask = os.umask(0o022)
+    try:
+        convert_checkpoint(name, tmp_path / "w.pth", tmp_path / "out", img_size=32)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755  # 0o777 less the umask, like mkdir
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    with pytest.raises(ValueError, match=r"--out .*link is a symbolic link \(to .*empty\)"):
+        convert_checkpoint(name, tmp_path / "w.pth", tmp_path / "link", img_size=32)
+    assert not any((tmp_path / "empty").iterdir())

@@ -3,6 +3,7 @@
 import json
 import textwrap
 
+import pytest
 import torch
 from detection_fixtures import write_shapes_coco
 from PIL import Image
@@ -80,3 +81,12 @@ def test_detect_fit_validate_predict_render(tmp_path, capsys):
 
 def test_detect_is_listed_in_the_help():
     assert "detect" in build_parser().format_help()
+
+
+def test_predict_without_a_checkpoint_is_refused(tmp_path, one_thread):
+    ann, images = write_shapes_coco(tmp_path, 1)
+    config = tmp_path / "config.yaml"
+    config.write_text(textwrap.dedent(CONFIG % {"ann": ann, "images": images, "out": tmp_path / "run"}))
+    with pytest.raises(ValueError, match=r"detect predict needs --ckpt_path .* randomly initialised"):
+        attnzoo_main(["detect", "predict", "--config", str(config)])
+    assert not (tmp_path / "run" / "predict").exists()

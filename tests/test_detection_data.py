@@ -182,3 +182,96 @@ def test_predict_on_an_unannotated_folder(tmp_path):
         CocoDataModule(num_workers=0).setup("fit")
     with pytest.raises(ValueError, match="hflip"):
         CocoDataModule(hflip=2.0)
+
+
+def test_image_sizes_must_match_the_image_files(tmp_path):
+    data, images = _base(tmp_path)
+    data["images"][1]["width"] *= 2  # 101 is 96 x 128 (w x h): predictions equal to the truth would score 0
+    with pytest.raises(ValueError, match=r"bad\.json: 1 image\(s\) whose 'width' x 'height' differ .*001\.png "
+                                         r"\(image id 101\) is 96x128, the JSON says 192x128"):  # fmt: skip
+        load_coco_json(_write(tmp_path, data), images)
+    data, images = _base(tmp_path)
+    data["images"][0]["height"] //= 2  # under-stated: boxes would be clipped or dropped, blamed on the boxes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no box warning comes first
+        with pytest.raises(ValueError, match=r"000\.png \(image id 100\) is 128x96, the JSON says 128x48"):
+            make_dm(_write(tmp_path, data), images).setup("fit")
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools on numpy 2
+def test_segmentations_pycocotools_cannot_read_are_dropped_or_name_the_annotation(tmp_path):
+    data, images = _base(tmp_path)
+    polygons = [a for a in data["annotations"] if isinstance(a["segmentation"], list) and not a["iscrowd"]]
+    rle = next(a for a in data["annotations"] if isinstance(a["segmentation"], dict))
+    good = polygons[0]["segmentation"][0]
+    polygons[0]["segmentation"] = [[1.0, 2.0, 3.0, 4.0], good, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]]  # 2 of 3 bad
+    polygons[1]["segmentation"] = [[1.0, 2.0, float("nan"), 4.0, 5.0, 6.0], []]  # none usable
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm = make_dm(_write(tmp_path, data), images)
+        dm.setup("fit")
+    text = " | ".join(str(w.message) for w in caught)
+    dropped = "1 annotations with polygons of fewer than 3 points, an odd number of coordinates or non-finite numbers"
+    assert f"{dropped}: those polygons dropped (annotation ids {polygons[0]['id']})" in text
+    assert "1 annotations whose polygons all have fewer than 3 points" in text and f"ids {polygons[1]['id']})" in text
+    kept = {a["id"]: a for a in dm.datasets["train"].base.coco.dataset["annotations"]}
+    assert kept[polygons[0]["id"]]["segmentation"] == [good] and polygons[1]["id"] not in kept
+    for index in range(len(dm.datasets["train"])):  # every mask is made (pycocotools crashed here mid-epoch)
+        dm.datasets["train"][index]
+
+    broken = {
+        "'counts' string is not compressed RLE": {**rle["segmentation"], "counts": "zz!!"},
+        "an RLE of size \\[5, 5\\]": {**rle["segmentation"], "size": [5, 5]},
+        "runs cover 0 pixels": {**rle["segmentation"], "counts": ""},
+    }
+    for message, segmentation in broken.items():
+        saved, rle["segmentation"] = rle["segmentation"], segmentation
+        match = rf"bad\.json: annotation id {rle['id']} \(image id {rle['image_id']}, .*\) has .*{message}"
+        with pytest.raises(ValueError, match=match):
+            make_dm(_write(tmp_path, data), images).setup("fit")
+        rle["segmentation"] = saved
+    # unchecked annotations (a predict split reads masks without requiring them) are blamed, not the image
+    rle["segmentation"] = {**rle["segmentation"], "counts": "zz!!"}
+    dm = make_dm(_write(tmp_path, data), images, predict_ann=str(tmp_path / "bad.json"), predict_images=str(images))
+    dm.setup("predict")
+    index = dm.datasets["predict"].base.ids.index(rle["image_id"])
+    with pytest.raises(ValueError, match=rf"cannot turn the annotations of image id {rle['image_id']} .* into targets"):
+        dm.datasets["predict"][index]
+
+
+def test_ids_must_be_integers(tmp_path):
+    data, images = _base(tmp_path)
+    for image in data["images"]:
+        image["id"] = f"img{image['id']}"
+    with pytest.raises(ValueError, match=r"bad\.json: images\[0\] has the id 'img100' \(str\); COCO ids must be int"):
+        make_dm(_write(tmp_path, data), images).setup("fit")
+    data, images = _base(tmp_path)
+    data["annotations"][0]["category_id"] = "3"
+    with pytest.raises(ValueError, match=r"annotation id 1 has the category_id '3'; COCO ids must be integers"):
+        make_dm(_write(tmp_path, data), images).setup("fit")
+
+
+def test_a_training_set_of_crowd_annotations_only_is_named(tmp_path):
+    data, images = _base(tmp_path)
+    for annotation in data["annotations"]:
+        annotation["iscrowd"] = 1
+    with pytest.raises(ValueError, match=r"bad\.json: no training image has an annotation with iscrowd 0"):
+        make_dm(_write(tmp_path, data), images).setup("fit")
+
+
+def test_a_folder_named_like_an_image_is_not_predicted(tmp_path):
+    _, images = write_shapes_coco(tmp_path, 2)
+    (images / "x.png").mkdir()
+    dm = CocoDataModule(predict_images=str(images), num_workers=0)
+    dm.setup("predict")
+    assert [im["file_name"] for im in dm.datasets["predict"].base.coco.dataset["images"]] == ["000.png", "001.png"]
+    (images / "y.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=r"cannot read image .*y\.jpg: .* may hold only image files"):
+        CocoDataModule(predict_images=str(images), num_workers=0).setup("predict")
+
+
+def test_aspect_ratio_bins_are_bounded():
+    for bins in ([1e9], [0.75, 100.0], [0.01]):
+        with pytest.raises(ValueError, match=r"aspect_ratio_bins must hold width/height ratios in \[1/8, 8\]"):
+            CocoDataModule(aspect_ratio_bins=bins)
+    CocoDataModule(aspect_ratio_bins=[0.125, 1.0, 8.0])

@@ -44,3 +44,11 @@ def test_demo_detection_checks_its_scene_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=r"data.val_images must be runs/demo_detection/scenes/test"):
         main(["demo", "detection", "--data.val_images", "elsewhere"])
+
+
+@pytest.mark.parametrize("flag", ["--train-scenes", "--test-scenes"])
+def test_demo_detection_checks_the_scene_counts_before_writing(tmp_path, monkeypatch, flag):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=f"{flag} must be a positive number of scenes, got -1"):
+        main(["demo", "detection", flag, "-1"])
+    assert not (tmp_path / "runs").exists()

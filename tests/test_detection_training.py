@@ -225,7 +225,7 @@ def _validate(tmp_path, name, ann, images, ckpt, *overrides):
     assert result.returncode == 0, result.stderr[-3000:]
     with open(out / "csv" / "version_0" / "metrics.csv") as f:
         row = next(r for r in csv.DictReader(f) if r.get("val/bbox_AP"))
-    detections = json.loads((out / "results" / "val_detections_epoch000.json").read_text())
+    detections = json.loads((out / "results" / "validate_detections_epoch000.json").read_text())
     return row, detections, result.stderr
 
 
@@ -253,3 +253,137 @@ def test_two_process_gloo_evaluation_equals_one_process(tmp_path):
     for a, b in zip(sorted(single_dets, key=key), sorted(ddp_dets, key=key)):
         assert a["image_id"] == b["image_id"] and a["category_id"] == b["category_id"]
         assert a["bbox"] == pytest.approx(b["bbox"], abs=0.05)
+
+
+# ---------------------------------------------------------------- one short training shared by the tests below
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, one_thread):
+    """One epoch (one step) on two images with validation: ``(folder, ann, images, checkpoint)``; the fit wrote
+    ``<folder>/results/val_detections_epoch000.json``."""
+    tmp = tmp_path_factory.mktemp("trained")
+    ann, images = write_shapes_coco(tmp, 2)
+    model = make_small_model(results_dir=str(tmp / "results"))
+    trainer = make_trainer(tmp, max_epochs=1, enable_checkpointing=False)
+    trainer.fit(model, datamodule=make_data(ann, images, train_scales=(64,), train_max_size=96))
+    trainer.save_checkpoint(tmp / "trained.ckpt")
+    return tmp, ann, images, tmp / "trained.ckpt"
+
+
+def make_small_model(**kwargs) -> ObjectDetector:
+    """:func:`make_model` evaluating at 64-96 px (the tests below check files and messages, not accuracy)."""
+    return make_model(**{"min_size": 64, "max_size": 96, **kwargs})
+
+
+def _annotations(tmp_path, ann, name, edit):
+    data = json.loads(ann.read_text())
+    edit(data)
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _renumber(data):
+    new_id = {3: 1, 7: 2}
+    for category in data["categories"]:
+        category["id"] = new_id[category["id"]]
+    for annotation in data["annotations"]:
+        annotation["category_id"] = new_id[annotation["category_id"]]
+
+
+def _only_squares(data):
+    data["categories"] = [c for c in data["categories"] if c["id"] == 3]
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] == 3]
+
+
+def test_checkpoint_category_map_must_match_the_data(trained, tmp_path):
+    folder, ann, images, ckpt = trained
+    model = make_small_model(results_dir=str(tmp_path / "results"))
+    make_trainer(tmp_path).validate(model, datamodule=make_data(ann, images), ckpt_path=ckpt, verbose=False)
+    assert model.categories == [{"id": 3, "name": "square"}, {"id": 7, "name": "disk"}]  # identical maps go through
+    renumbered = _annotations(tmp_path, ann, "renumbered.json", _renumber)
+    squares = _annotations(tmp_path, ann, "squares.json", _only_squares)
+    both_maps = r"trained with \{3: 'square', 7: 'disk'\}, the data has \{%s\}"
+    cases = [  # (annotation file, model.num_classes, message)
+        (renumbered, 2, both_maps % "1: 'square', 2: 'disk'"),
+        (squares, 1, both_maps % "3: 'square'"),  # what "set model.num_classes: 1" used to lead to
+    ]
+    for path, num_classes, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model = make_small_model(num_classes=num_classes)
+            make_trainer(tmp_path).validate(model, datamodule=make_data(path, images), ckpt_path=ckpt)
+    with pytest.raises(ValueError, match=both_maps % "1: 'square', 2: 'disk'"):  # a resumed fit
+        model, data = make_small_model(), make_data(renumbered, images)
+        make_trainer(tmp_path, max_epochs=3).fit(model, datamodule=data, ckpt_path=ckpt)
+    with pytest.raises(ValueError, match=r"trained with 2 categories .* set model.num_classes: 2"):
+        make_trainer(tmp_path).validate(
+            make_small_model(num_classes=3), datamodule=make_data(ann, images), ckpt_path=ckpt
+        )
+    with pytest.raises(ValueError, match=r"annotations have 1 categories \(\{3: 'square'\}\) .*num_classes: 1"):
+        make_trainer(tmp_path).validate(make_small_model(), datamodule=make_data(squares, images))  # no checkpoint
+
+
+def test_validate_keeps_the_validation_results_of_fit(trained, tmp_path):
+    folder, ann, images, ckpt = trained
+    fit_results = folder / "results" / "val_detections_epoch000.json"
+    written_by_fit = fit_results.stat()
+    model = make_small_model(results_dir=str(folder / "results"))
+    make_trainer(tmp_path).validate(model, datamodule=make_data(ann, images), ckpt_path=ckpt, verbose=False)
+    after = fit_results.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (written_by_fit.st_ino, written_by_fit.st_mtime_ns)  # not rewritten
+    assert isinstance(json.loads((folder / "results" / "validate_detections_epoch000.json").read_text()), list)
+
+
+def _plant_links(folder, names, outside):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).symlink_to(outside / name)
+        (outside / name).write_text("not yours")
+
+
+def _untouched(outside):
+    return all(p.read_bytes() == b"not yours" for p in outside.iterdir())
+
+
+def test_evaluation_results_never_follow_links_planted_in_their_folder(trained, tmp_path):
+    _, ann, images, ckpt = trained
+    results, outside = tmp_path / "results", tmp_path / "outside"
+    outside.mkdir()
+    names = ["val_detections_epoch000.json", "val_detections_epoch000.json.tmp"]
+    _plant_links(results, [*names, *(n.replace("val_", "validate_") for n in names)], outside)
+    model = make_small_model(results_dir=str(results))
+    make_trainer(tmp_path).validate(model, datamodule=make_data(ann, images), ckpt_path=ckpt, verbose=False)
+    assert _untouched(outside)
+    written = [p for p in results.iterdir() if not p.is_symlink()]
+    assert [p.name for p in written] == ["validate_detections_epoch000.json"]
+
+
+def test_predict_outputs_name_their_input_files_and_never_follow_links(trained, tmp_path):
+    from PIL import Image
+
+    from attnzoo.recipes.detection import DetectionWriter
+
+    _, ann, images, ckpt = trained
+    photos, render, out, outside = tmp_path / "photos", tmp_path / "render", tmp_path / "out", tmp_path / "outside"
+    photos.mkdir()
+    outside.mkdir()
+    sizes = {}
+    for source, name in (("000.png", "a.png"), ("001.png", "a.jpg"), ("000.png", "c.png")):
+        with Image.open(images / source) as picture:
+            picture.convert("RGB").save(photos / name)
+            sizes[name] = picture.size
+    _plant_links(out, ["detections.json", "detections.json.tmp"], outside)
+    _plant_links(render, ["c.png"], outside)
+    writer = DetectionWriter(dirpath=str(out), render=str(render), score_threshold=0.0)
+    model = make_small_model(detector_kwargs={**SMALL_RCNN, "box_score_thresh": 0.0})
+    data = CocoDataModule(predict_images=str(photos), num_workers=0)
+    make_trainer(tmp_path, callbacks=[writer]).predict(model, datamodule=data, ckpt_path=ckpt, return_predictions=False)
+    assert _untouched(outside)
+    detections = json.loads((out / "detections.json").read_text())
+    ids = {im["id"]: im["file_name"] for im in data.datasets["predict"].base.coco.dataset["images"]}
+    assert {d["file_name"] for d in detections} == {"a.png", "a.jpg", "c.png"}
+    assert all(d["file_name"] == ids[d["image_id"]] for d in detections)
+    pngs = {p.name: p for p in render.iterdir() if not p.is_symlink()}
+    assert sorted(pngs) == ["a.jpg.png", "a.png.png", "c.png"] and not (render / "c.png").is_symlink()
+    for name, png in pngs.items():
+        with Image.open(png) as drawn:
+            assert drawn.size == sizes[name.removesuffix(".png") if name != "c.png" else name]

@@ -1,4 +1,5 @@
-"""Shape-dynamic ``torch.compile``: one compiled model serves 224, 256, 288 and 224x320 without a recompilation per size.
+"""Shape-dynamic ``torch.compile``: one compiled model serves 224, 256, 288 and 224x320 without a recompilation per
+size.
 
 Recompilations are counted with ``torch._dynamo``'s frame counter. ``torch.compile(model)`` (automatic dynamic
 shapes) compiles the first size statically and one shape-generic graph at the second size; ``torch.compile(model,

@@ -1,7 +1,8 @@
 """bf16 autocast on CPU: every family gives finite logits close to float32 (random init, 96 px, batch 2).
 
 Measured on all models: relative L2 error 0.6-1.4%, except the token-reduction models (bf16 rounding flips some merge,
-prune or cluster decisions, a discrete change): ToMe ViT-B 7.7%, ToMe DeiT-S 10.3%, Token Pooling DeiT-S 10.8%. The smallest model of each family runs by default, all with ``ATTNZOO_TEST_FULL=1``.
+prune or cluster decisions, a discrete change): ToMe ViT-B 7.7%, ToMe DeiT-S 10.3%, Token Pooling DeiT-S 10.8%.
+The smallest model of each family runs by default, all with ``ATTNZOO_TEST_FULL=1``.
 """
 
 import os

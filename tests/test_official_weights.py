@@ -195,6 +195,16 @@ def test_checkpoint_of_another_architecture_is_an_error(tmp_path):
             )  # fmt: skip
 
 
+def test_a_wrong_file_in_the_weight_cache_is_named_by_its_path(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    name, url = "gated_vit_tiny_patch16_224", "https://example.invalid/weights/gated_vit_tiny.pth"
+    path = checkpoint_cache_path(name, url)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"model": timm.create_model(name, img_size=32, depth=1).state_dict()}, path)  # another depth
+    with pytest.raises(ValueError, match=re.escape(f"{path} (the cached download of {url}; delete it")):
+        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(url=url), img_size=32, depth=2)
+
+
 def test_unreadable_checkpoints_name_the_file(tmp_path):
     torch.save({"model": {"w": torch.randn(64, 64)}}, tmp_path / "good.pth")
     data = (tmp_path / "good.pth").read_bytes()

@@ -60,6 +60,37 @@ def test_dynamic_size_is_refused_where_the_shape_logic_is_concrete(tmp_path):
     assert not (tmp_path / "b.onnx").exists()
 
 
+REFUSED_BEFORE_TRACING = {  # the token counts (ToMe, PPT, Token Pooling) or the windows follow the concrete size
+    "tome_deit_tiny_patch16_224": dict(img_size=64, depth=2, r=8),
+    "ppt_deit_small_patch16_224": dict(img_size=64, depth=2, embed_dim=48, num_heads=3, r=4, locations=[0]),
+    "tokenpool_deit_small_patch16_224": dict(img_size=64, depth=2, embed_dim=48, num_heads=3, locations=[0]),
+    "agent_swin_tiny": dict(depths=(1, 1, 1, 1), embed_dim=32, num_heads=(1, 2, 4, 8)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_BEFORE_TRACING))
+def test_dynamic_size_is_refused_before_tracing_where_counts_or_windows_follow_the_size(
+    tmp_path, monkeypatch, name, one_thread
+):
+    traced = []
+
+    def no_tracing(*args, **kwargs):
+        traced.append(name)
+        raise RuntimeError("torch.export.export was called")
+
+    monkeypatch.setattr(torch.export, "export", no_tracing)
+    _, folder = _exported_folder(tmp_path, name, REFUSED_BEFORE_TRACING[name])
+    reason = "its token reduction" if "deit" in name else "the window padding"
+    with pytest.raises(ValueError, match=f"{name} cannot be exported with a dynamic image size: {reason}"):
+        export_onnx(name, tmp_path / "m.onnx", weights=folder, dynamic_size=True, img_size=64)
+    assert not traced and not (tmp_path / "m.onnx").exists()
+    if "deit" in name:  # keeping every token is the plain ViT, which exports with a dynamic size
+        from attnzoo.weights.onnx_export import dynamic_size_refusal
+
+        keep_all = {"keep_ratio": 1.0} if name.startswith("tokenpool") else {"r": 0}
+        assert dynamic_size_refusal(timm.create_model(name, **{**REFUSED_BEFORE_TRACING[name], **keep_all})) is None
+
+
 @pytest.mark.skipif(not os.environ.get("ATTNZOO_TEST_FULL"), reason="every model at full size: ATTNZOO_TEST_FULL=1")
 @pytest.mark.parametrize("name", attnzoo.list_models())
 def test_every_model_exports_at_its_default_size(tmp_path, name):

@@ -219,6 +219,13 @@ def test_datamodule_rejects_bad_aspect_options(kwargs, match):
         ImageDataModule(**kwargs)
 
 
+def test_aspect_ratio_bins_are_bounded_to_one_eighth_and_eight():
+    for bins in ([1e9], [0.75, 100.0], [1e-3]):  # [1e9] made 32 x 1,011,936 px crops (5.2 GB before a step)
+        with pytest.raises(ValueError, match=r"aspect_ratio_bins must hold width/height ratios in \[1/8, 8\]"):
+            ImageDataModule(aspect_ratio_bins=bins)
+    ImageDataModule(aspect_ratio_bins=[0.125, 1.0, 8.0])
+
+
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
 
 

@@ -12,7 +12,7 @@ import attnzoo  # noqa: F401  (registers the zoo models)
 from attnzoo.recipes.cli import CONFIG_DIR, resolve_config_path, run_cli
 
 CONFIGS = sorted(p for p in CONFIG_DIR.glob("*/*.yaml") if p.parent.name != "coco")  # coco: test_detection_configs
-FAMILIES = ("nat", "dinat", "biformer", "agent_deit", "agent_pvt", "agent_swin", "gated_vit", "tome")
+FAMILIES = ("nat", "dinat", "biformer", "agent_deit", "agent_pvt", "agent_swin", "gated_vit", "tome", "rmt", "ppma")
 
 
 def _parse(*args: str) -> tuple[int | str, str, str]:

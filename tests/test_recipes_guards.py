@@ -15,8 +15,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
-from attnzoo.recipes.callbacks import ExportWeights, RemoveStaleTempFiles
-from attnzoo.recipes.checkpoint_io import AtomicCheckpointIO
+from attnzoo.recipes.callbacks import ExportWeights, PredictionWriter, RemoveStaleTempFiles
+from attnzoo.recipes.checkpoint_io import AtomicCheckpointIO, atomic_write, remove_stale_temp_files
 from attnzoo.recipes.cli import run_cli
 from attnzoo.recipes.data import ImageDataModule
 from attnzoo.recipes.module import ImageClassifier
@@ -166,11 +166,13 @@ def _mode(path) -> int:
 
 
 def test_checkpoint_files_modes_stale_temps_and_existing_exports(tmp_path):
+    from attnzoo.recipes.checkpoint_io import temp_path
+
     _write_split(tmp_path, "train", ["cat", "dog"])
     _write_split(tmp_path, "val", ["cat", "dog"])
     ckpt_dir = tmp_path / "ckpt"
     ckpt_dir.mkdir()
-    stale = ckpt_dir / ".last.ckpt.4f2a9c.tmp"  # what a kill -9 during a checkpoint write leaves
+    stale = temp_path(ckpt_dir / "last.ckpt")  # what a kill -9 during a checkpoint write leaves
     stale.write_bytes(b"partial")
     keep = ckpt_dir / "notes.tmp"  # not a temporary checkpoint file
 
@@ -198,6 +200,65 @@ def test_checkpoint_files_modes_stale_temps_and_existing_exports(tmp_path):
         fit()
     assert (tmp_path / "export" / "model.safetensors").read_bytes() == weights  # refused before training
     fit(overwrite=True)
+
+
+def test_stale_temp_clean_up_removes_only_the_recipes_own_temporary_files(tmp_path):
+    during_write = []
+    atomic_write(tmp_path / "last.ckpt", lambda f: during_write.extend(p.name for p in tmp_path.iterdir()))
+    (leftover,) = during_write  # the temporary name atomic_write used, as a kill -9 would leave it
+    (tmp_path / leftover).write_bytes(b"partial")
+    users = [".notes.backup.tmp", ".last.ckpt.mine.tmp", ".model.safetensors.old.tmp", ".last.ckpt.4f2a9c.tmp"]
+    for name in users:
+        (tmp_path / name).write_text("a user's file")
+    assert remove_stale_temp_files(tmp_path) == [tmp_path / leftover]
+    assert all((tmp_path / name).read_text() == "a user's file" for name in users)
+
+
+def _plant_links(folder, names, outside):
+    folder.mkdir(parents=True, exist_ok=True)
+    outside.mkdir(exist_ok=True)
+    for name in names:
+        (outside / name).write_text("not yours")
+        (folder / name).symlink_to(outside / name)
+
+
+def test_exports_never_write_through_links_and_a_dangling_link_counts_as_an_export(tmp_path, one_thread):
+    from attnzoo.recipes.export import export_for_timm
+
+    outside = tmp_path / "outside"
+    _plant_links(tmp_path / "export", ["model.safetensors", "config.json"], outside)
+    model = _model(2).model
+    export_for_timm(model, tmp_path / "export")
+    assert all(p.read_text() == "not yours" for p in outside.iterdir())
+    for name in ("model.safetensors", "config.json"):
+        assert not (tmp_path / "export" / name).is_symlink()
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["num_classes"] == 2
+
+    _write_split(tmp_path, "train", ["cat", "dog"])
+    _write_split(tmp_path, "val", ["cat", "dog"])
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "model.safetensors").symlink_to(tmp_path / "nowhere")  # dangling
+    export = ExportWeights(dirpath=str(tmp_path / "taken"))
+    with pytest.raises(FileExistsError, match="already holds model.safetensors"):
+        _trainer(tmp_path, callbacks=[export], max_epochs=1).fit(_model(2), datamodule=_data(tmp_path))
+
+
+def test_prediction_csv_names_each_input_file_and_never_follows_a_link(tmp_path, one_thread):
+    import csv
+
+    _write_split(tmp_path, "train", ["cat", "dog"])
+    _write_split(tmp_path, "val", ["cat", "dog"], per_class=3)
+    outside = tmp_path / "outside"
+    _plant_links(tmp_path / "out", ["predictions_rank0.csv"], outside)
+    writer = PredictionWriter(dirpath=str(tmp_path / "out"), top_k=2)
+    trainer = _trainer(tmp_path, callbacks=[writer])
+    trainer.predict(_model(2), datamodule=_data(tmp_path), return_predictions=False)
+    assert (outside / "predictions_rank0.csv").read_text() == "not yours"
+    with open(tmp_path / "out" / "predictions_rank0.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["file"] for r in rows] == [f"{c}/{i}.png" for c in ("cat", "dog") for i in range(3)]
+    assert [r["target"] for r in rows] == ["0"] * 3 + ["1"] * 3
+    assert [int(r["index"]) for r in rows] == list(range(6))
 
 
 def test_public_classes_are_exported_lazily():

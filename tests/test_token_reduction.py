@@ -262,6 +262,31 @@ def test_bad_arguments_raise_clear_errors():
         model.forward_features(torch.randn(1, 3, 32, 32), is_causal=True)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("method", sorted(REDUCE))
+def test_a_nan_or_inf_image_damages_only_itself(method, one_thread):
+    model = _tiny_vit("vit_tiny_patch16_224")
+    attnzoo.apply_token_reduction(model, method, **REDUCE[method])
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    clean = model(images)
+    images[1, :, 3, 5] = float("nan")
+    images[2, 0, 10, 10] = float("inf")
+    logits = model(images)
+    assert torch.isfinite(logits).all(dim=1).tolist() == [True, False, False, True]
+    torch.testing.assert_close(logits[[0, 3]], clean[[0, 3]], rtol=1e-5, atol=1e-5)
+
+
+def test_reduction_amounts_of_the_wrong_type_name_the_argument(one_thread):
+    model = _tiny_vit("vit_tiny_patch16_224")
+    with pytest.raises(TypeError, match=r"r must be an int \(tokens removed at each of the 3 locations\) or a list "
+                                        r"of 3 ints, got 2\.5"):  # fmt: skip
+        attnzoo.apply_token_reduction(model, "ppt", r=2.5, locations=[0, 1, 2])
+    with pytest.raises(TypeError, match=r"keep_ratio must be a float in \(0, 1\] or a list of 3 .*got '0\.5'"):
+        attnzoo.apply_token_reduction(model, "token_pooling", keep_ratio="0.5", locations=[0, 1, 2])
+    pooled = timm.create_model("tokenpool_deit_small_patch16_224", embed_dim=48, num_heads=3, num_clusters=[50, 20, 9])
+    assert pooled.token_reducer.keep == [50, 20, 9]  # explicit counts replace the registered model's default ratio
+
+
 @pytest.mark.parametrize(
     "name, keep_all, tokens",
     [("ppt_deit_small_patch16_224", {"r": 0}, 49), ("tokenpool_deit_small_patch16_224", {"keep_ratio": 1.0}, 44)],

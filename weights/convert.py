@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+
+from .output_folder import check_output_folder, staged_output_folder
 
 __all__ = ["convert_checkpoint", "load_source"]
 
@@ -58,29 +58,22 @@ def convert_checkpoint(
     num_classes: int | None = None,
     img_size: int | None = None,
 ) -> Path:
-    """Convert ``src`` for ``model_name`` into the folder ``out`` (created; refused if it exists and is not empty).
+    """Convert ``src`` for ``model_name`` into the folder ``out`` (created with the umask's permissions; refused if it
+    exists and is not empty, or is a symbolic link).
 
     Returns the path of the written ``model.safetensors``.
     """
     from attnzoo.recipes.export import export_for_timm
 
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty folder; choose a new output folder")
+    check_output_folder(out)  # before the (slow) model build
     model_kwargs = {"img_size": img_size} if img_size is not None else {}
     model = load_source(model_name, src, num_classes=num_classes, **model_kwargs)
     data_config = timm.data.resolve_data_config(model=model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with staged_output_folder(out) as staging:
         export_for_timm(model, staging, data_config=data_config, model_args=model_kwargs or None)
         reloaded = timm.create_model(f"local-dir:{staging}", pretrained=True)
         for key, value in model.state_dict().items():
             if not torch.equal(reloaded.state_dict()[key], value):
                 raise RuntimeError(f"the written weights differ from the source at {key!r}")
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out / "model.safetensors"

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-_WRAPPER_KEYS = ("state_dict", "model", "module")
+_WRAPPER_KEYS = ("state_dict", "model", "models", "module")  # "models": PPMA's DeiT-style training checkpoints
 
 
 def unwrap_state_dict(checkpoint: Mapping, keys: tuple[str, ...] = _WRAPPER_KEYS) -> dict[str, torch.Tensor]:
@@ -28,8 +28,21 @@ def unwrap_state_dict(checkpoint: Mapping, keys: tuple[str, ...] = _WRAPPER_KEYS
     return tensors
 
 
+def is_safetensors_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a safetensors file, by its content (whatever its name ends with): an 8-byte
+    little-endian header length that fits the file, then a JSON header starting with ``{``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
+
+
 def load_state_dict_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read the tensors of a ``.safetensors`` file or of a PyTorch checkpoint (``torch.load(weights_only=True)``).
+    """Read the tensors of a safetensors file (recognised by its content, whatever its name) or of a PyTorch
+    checkpoint (``torch.load(weights_only=True)``).
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a file that is not a weights-only
     checkpoint (for instance one that pickles arbitrary objects).
@@ -37,7 +50,7 @@ def load_state_dict_file(path: str | os.PathLike, map_location: str | torch.devi
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.endswith(".safetensors"):
+    if is_safetensors_file(path):  # by content: a safetensors file named .pth is still one
         from safetensors.torch import load_file
 
         return load_file(path, device=str(map_location))

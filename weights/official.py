@@ -26,7 +26,8 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 from tqdm import tqdm
 
-from .io import unwrap_state_dict
+from .downstream import filter_without_new_norms, new_output_norm_keys
+from .io import is_safetensors_file, unwrap_state_dict
 from .restricted_unpickler import restricted_torch_load
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".tar", ".safetensors")
@@ -130,7 +131,7 @@ def read_official_checkpoint(
     """
     path = fetch_checkpoint(url_or_path, sha256=sha256, model=model)
     try:
-        if path.endswith(".safetensors"):
+        if is_safetensors_file(path):  # by content: a safetensors file named .pth is still one
             from safetensors.torch import load_file
 
             return load_file(path)
@@ -152,9 +153,11 @@ def _classifier_prefixes(cfg: dict[str, Any]) -> tuple[str, ...]:
 def check_loaded_keys(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Raise ``ValueError`` unless ``state_dict`` (already filtered for ``model``) covers exactly the model's tensors;
     only the classifier (the cfg's ``classifier`` modules) may be missing or extra, since it is dropped when
-    ``num_classes`` differs."""
+    ``num_classes`` differs, and the output norms of a downstream backbone may be missing from classification weights
+    (they start untrained, :func:`~attnzoo.weights.downstream.new_output_norm_keys`)."""
     skip = _classifier_prefixes(model.pretrained_cfg)
-    expected = {k for k in model.state_dict() if not k.startswith(skip)}
+    new = set(new_output_norm_keys(state_dict, model))
+    expected = {k for k in model.state_dict() if not k.startswith(skip) and k not in new}
     loaded = {k for k in state_dict if not k.startswith(skip)}
     missing, unexpected = sorted(expected - loaded), sorted(loaded - expected)
     if missing or unexpected:
@@ -183,6 +186,12 @@ def _official_source(variant: str, kwargs: dict[str, Any]) -> str | None:
     return cfg.get("url") or None
 
 
+def _unpruned_meta_model(model_cls: type[nn.Module], variant: str, kwargs: dict[str, Any]) -> nn.Module:
+    """The model the checkpoint was loaded into, before a ``features_only`` wrapper pruned it (meta device)."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("features_only", "feature_cfg", "device")}
+    return build_model_with_cfg(model_cls, variant, False, device="meta", **kwargs)
+
+
 def build_model_with_official_weights(model_cls: type[nn.Module], variant: str, pretrained: bool, **kwargs: Any):
     """``timm.models.build_model_with_cfg`` that can load official training checkpoints (see module docstring)."""
     source = _official_source(variant, kwargs) if pretrained else None
@@ -191,7 +200,10 @@ def build_model_with_official_weights(model_cls: type[nn.Module], variant: str, 
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"), pretrained_cfg_overlay=overlay)
     name = f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture
-    state_dict = read_official_checkpoint(source, model=name)
+    path = fetch_checkpoint(source, model=name)
+    state_dict = read_official_checkpoint(path, model=name)
+    if path != source:  # a download: errors name the cached file, which is what to delete or replace
+        source = f"{path} (the cached download of {source}; delete it to download again)"
     overlay["state_dict"] = dict(state_dict)  # filters may edit the dict they get
     filter_fn = kwargs.get("pretrained_filter_fn")
     try:
@@ -199,14 +211,15 @@ def build_model_with_official_weights(model_cls: type[nn.Module], variant: str, 
     except RuntimeError as err:  # timm's strict load_state_dict: state the mismatch like check_loaded_keys does
         if "Error(s) in loading state_dict" not in str(err):
             raise
-        model = build_model_with_cfg(model_cls, variant, False, **kwargs)
-        check_loaded_keys(model, filter_fn(dict(state_dict), model) if filter_fn else state_dict, source)
+        model = _unpruned_meta_model(model_cls, variant, kwargs)
+        check_loaded_keys(model, filter_without_new_norms(filter_fn, dict(state_dict), model), source)
         mismatch = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
         raise ValueError(
             f"{source} does not fit {name}: {mismatch} (if only the classifier differs, pass the checkpoint's "
             "class count as num_classes)"
         ) from err
-    check_loaded_keys(model, filter_fn(dict(state_dict), model) if filter_fn else state_dict, source)
+    full = _unpruned_meta_model(model_cls, variant, kwargs) if kwargs.get("features_only") else model
+    check_loaded_keys(full, filter_without_new_norms(filter_fn, dict(state_dict), full), source)
     for module in model.modules():  # do not keep the loaded tensors alive through the stored cfg
         cfg = getattr(module, "pretrained_cfg", None)
         if isinstance(cfg, dict):

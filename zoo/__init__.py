@@ -15,8 +15,11 @@ from . import (
     gated_vit,  # noqa: F401
     layers,  # noqa: F401
     metapool,  # noqa: F401
+    moh_vit,  # noqa: F401
     nat,  # noqa: F401
+    ppma,  # noqa: F401
     ppt,  # noqa: F401
+    rmt,  # noqa: F401
     token_pooling,  # noqa: F401
     tome,  # noqa: F401
 )

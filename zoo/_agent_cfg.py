@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -33,3 +34,21 @@ def agent_cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
         "origin_url": "https://github.com/LeapLabTHU/Agent-Attention",
         **kwargs,
     }
+
+
+def check_agent_shapes(shapes: Sequence[int | Sequence[int] | None] | None, num_stages: int) -> list[Any]:
+    """``downstream_agent_shapes`` of a pyramid model: ``None`` or one entry per stage (``None``, an int ``s`` for
+    ``s x s`` or an ``(ah, aw)`` pair of positive ints), as a list of ``None`` / pairs."""
+    if shapes is None:
+        return [None] * num_stages
+    if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Sequence) or len(shapes) != num_stages:
+        raise ValueError(
+            f"downstream_agent_shapes must give one (ah, aw) grid per stage ({num_stages}), got {shapes!r}"
+        )
+    out: list[Any] = []
+    for shape in shapes:
+        pair = (shape, shape) if isinstance(shape, int) else tuple(shape) if shape is not None else None
+        if pair is not None and (len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair)):
+            raise ValueError(f"downstream_agent_shapes entries must be (ah, aw) pairs of positive ints, got {shapes!r}")
+        out.append(pair)
+    return out

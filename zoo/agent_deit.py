@@ -31,6 +31,7 @@ from attnzoo.layers import (
     AgentAttention,
     Attention,
     TransformerBlock,
+    ZooVisionTransformer,
     convert_agent_biases,
     vit_forward_intermediates,
 )
@@ -98,8 +99,9 @@ def agent_vit_block(
     )
 
 
-class AgentVisionTransformer(VisionTransformer):
-    """timm ``VisionTransformer`` whose blocks receive the patch grid: ``block(x, feat_size=[H, W])``.
+class AgentVisionTransformer(ZooVisionTransformer):
+    """timm ``VisionTransformer`` (the zoo's, :class:`~attnzoo.layers.ZooVisionTransformer`) whose blocks receive
+    the patch grid: ``block(x, feat_size=[H, W])``.
 
     Attention masks and patch dropout are not supported (agents are pooled on the full patch grid).
     """

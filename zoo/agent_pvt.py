@@ -9,6 +9,12 @@ averages the last map. Built from the shared :class:`HierarchicalVisionTransform
 works. ``agent_pvt_medium_256`` is the official Agent-PVT-M trained at 256 (same blocks; position embeddings and
 agent biases laid out for the 64 / 32 / 16 / 8 grids). Training drop-path rates of the official recipe: T/S 0.1, M/L
 0.3 (M also at 256; default here 0, as in timm).
+
+Official downstream backbone (Agent-Attention ``downstream/detection/mmdet/models/backbones/agent_pvt.py``, same in
+``segmentation/``): ``downstream_agent_shapes=[(12, 12), (16, 16), (28, 28), (28, 28)]`` (144 / 256 / 784 / 784
+agents, biases resized at run time) and ``pad_patches=False`` (the strided patch convolutions drop the rows / columns
+that do not fill a patch, as the official code); position embeddings are resized bilinearly to every map; no output
+norms.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 
-from attnzoo._agent_cfg import agent_cfg
+from attnzoo._agent_cfg import agent_cfg, check_agent_shapes
 from attnzoo.layers import (
     AgentAttention,
     HierarchicalVisionTransformer,
@@ -41,8 +47,10 @@ __all__ = ["AgentPyramidVisionTransformer", "PatchEmbedWithPos", "checkpoint_fil
 class PatchEmbedWithPos(nn.Module):
     """Non-overlapping ``patch_size`` patch embedding + LayerNorm + learned position embedding.
 
-    Input: an image ``(B, C, H, W)`` (``channels_last_input=False``) or a channels-last map ``(B, H, W, C)``; the
-    input is zero-padded at the right/bottom to a multiple of ``patch_size``. Output ``(B, H', W', embed_dim)``.
+    Input: an image ``(B, C, H, W)`` (``channels_last_input=False``) or a channels-last map ``(B, H, W, C)``; with
+    ``pad=True`` the input is zero-padded at the right/bottom to a multiple of ``patch_size`` (``H' = ceil(H / p)``),
+    with ``pad=False`` the rows / columns that do not fill a patch are dropped (``H' = H // p``, the official code).
+    Output ``(B, H', W', embed_dim)``.
     ``pos_embed`` ``(1, Gh, Gw, embed_dim)`` is laid out for the reference grid ``grid_size`` and bilinearly
     interpolated to other map sizes.
     """
@@ -54,6 +62,7 @@ class PatchEmbedWithPos(nn.Module):
         patch_size: int,
         grid_size: tuple[int, int],
         channels_last_input: bool = False,
+        pad: bool = True,
         device=None,
         dtype=None,
     ) -> None:
@@ -61,6 +70,7 @@ class PatchEmbedWithPos(nn.Module):
         dd = {"device": device, "dtype": dtype}
         self.patch_size = patch_size
         self.channels_last_input = channels_last_input
+        self.pad = pad
         self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size, **dd)
         self.norm = LayerNorm(embed_dim, eps=1e-5, **dd)
         self.pos_embed = nn.Parameter(torch.empty(1, grid_size[0], grid_size[1], embed_dim, **dd))
@@ -69,9 +79,15 @@ class PatchEmbedWithPos(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last_input:
             x = x.permute(0, 3, 1, 2)
-        pad_h, pad_w = (-x.shape[-2]) % self.patch_size, (-x.shape[-1]) % self.patch_size
-        if pad_h > 0 or pad_w > 0:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        if self.pad:
+            pad_h, pad_w = (-x.shape[-2]) % self.patch_size, (-x.shape[-1]) % self.patch_size
+            if pad_h > 0 or pad_w > 0:
+                x = F.pad(x, (0, pad_w, 0, pad_h))
+        elif x.shape[-2] < self.patch_size or x.shape[-1] < self.patch_size:
+            raise ValueError(
+                f"a {x.shape[-2]}x{x.shape[-1]} input is smaller than the patch size {self.patch_size} "
+                "(pad_patches=False drops what does not fill a patch)"
+            )
         x = self.norm(self.proj(x).permute(0, 2, 3, 1))
         H, W = x.shape[1], x.shape[2]
         pos = self.pos_embed
@@ -91,6 +107,10 @@ class AgentPyramidVisionTransformer(HierarchicalVisionTransformer):
         agent_num: agents per stage (perfect squares).
         img_size: training resolution; sets the reference grid of position embeddings and agent biases.
         gate: optional output gate of the agent mixers (see :mod:`attnzoo.layers.gate`).
+        downstream_agent_shapes: per stage, the run-time agent grid ``(ah, aw)`` (official downstream backbones:
+            ``[(12, 12), (16, 16), (28, 28), (28, 28)]``); ``None``: the ``sqrt(agent_num)`` grids of classification.
+        pad_patches: ``True``: patch embeddings zero-pad their input to a multiple of the patch size; ``False``: they
+            drop the remainder as the official code (see :class:`PatchEmbedWithPos`).
     """
 
     def __init__(
@@ -104,6 +124,8 @@ class AgentPyramidVisionTransformer(HierarchicalVisionTransformer):
         in_chans: int = 3,
         qkv_bias: bool = True,
         gate: str = "none",
+        downstream_agent_shapes: Sequence[int | Sequence[int] | None] | None = None,
+        pad_patches: bool = True,
         drop_path_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
@@ -116,6 +138,7 @@ class AgentPyramidVisionTransformer(HierarchicalVisionTransformer):
         for name, values in (("num_heads", num_heads), ("mlp_ratios", mlp_ratios), ("agent_num", agent_num)):
             if len(values) != len(embed_dims):
                 raise ValueError(f"{name} needs one entry per stage ({len(embed_dims)}), got {list(values)}")
+        agent_shapes = check_agent_shapes(downstream_agent_shapes, len(embed_dims))
         grids = [
             (math.ceil(img_size[0] / 2 ** (i + 2)), math.ceil(img_size[1] / 2 ** (i + 2)))
             for i in range(len(embed_dims))
@@ -126,6 +149,7 @@ class AgentPyramidVisionTransformer(HierarchicalVisionTransformer):
                 embed_dims[i],
                 num_heads=num_heads[i],
                 agent_num=agent_num[i],
+                agent_shape=agent_shapes[i],
                 grid_size=grids[i],
                 qkv_bias=qkv_bias,
                 gate=gate,
@@ -146,9 +170,11 @@ class AgentPyramidVisionTransformer(HierarchicalVisionTransformer):
         def make_downsample(i: int) -> nn.Module | None:
             if i == 0:
                 return None
-            return PatchEmbedWithPos(embed_dims[i - 1], embed_dims[i], 2, grids[i], channels_last_input=True, **dd)
+            return PatchEmbedWithPos(
+                embed_dims[i - 1], embed_dims[i], 2, grids[i], channels_last_input=True, pad=pad_patches, **dd
+            )
 
-        stem = PatchEmbedWithPos(in_chans, embed_dims[0], 4, grids[0], **dd)
+        stem = PatchEmbedWithPos(in_chans, embed_dims[0], 4, grids[0], pad=pad_patches, **dd)
         stages = build_stages(depths, make_block, make_downsample, drop_path_rate)
         super().__init__(stem, stages, embed_dims, stem_stride=4, norm_layer=None, in_chans=in_chans, **dd, **kwargs)
 

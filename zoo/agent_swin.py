@@ -12,6 +12,12 @@ recipe: T 0.2, S 0.3, B 0.5 (default here 0, as in timm).
 Higher-resolution releases: ``agent_swin_small_288`` and ``agent_swin_base_384`` (B fine-tuned from the 224 model for
 30 epochs). Their official ``WINDOW_SIZE`` (72, 96 = the stage-1 map) gives window ``WINDOW_SIZE // 8`` = 9 and 12 to
 the window blocks (so another relative-position table), a window covering a whole map is unshifted, as here.
+
+Official downstream backbone (Agent-Attention ``downstream/detection/mmdet/models/backbones/agent_swin.py``, same in
+``segmentation/``): ``downstream_agent_shapes=[(9, 9), (12, 12), (14, 14), (7, 7)]`` (81 / 144 / 196 agents, biases
+resized at run time), ``out_norms=True`` (a LayerNorm on each stage output, official ``norm{i}``) and
+``clamp_window=False`` (stage 4: 7x7 windows on the map zero-padded to a multiple of 7, padded tokens unmasked, the
+second block shifted by 3 with the Swin region mask, whatever the map size).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch.nn as nn
 from timm.layers import LayerNorm, PatchEmbed, resize_rel_pos_bias_table_levit
 from timm.models import generate_default_cfgs, register_model
 
-from attnzoo._agent_cfg import agent_cfg
+from attnzoo._agent_cfg import agent_cfg, check_agent_shapes
 from attnzoo.layers import (
     AgentAttention,
     HierarchicalVisionTransformer,
@@ -38,6 +44,7 @@ from attnzoo.layers import (
     convert_agent_biases,
 )
 from attnzoo.weights import build_model_with_official_weights, unwrap_state_dict
+from attnzoo.weights.downstream import OUT_NORMS, add_new_output_norms
 
 __all__ = ["AgentSwinTransformer", "block_types", "checkpoint_filter_fn"]
 
@@ -77,7 +84,21 @@ class AgentSwinTransformer(HierarchicalVisionTransformer):
         window_size: window of the window-attention blocks.
         img_size: training resolution; sets the reference grid of the agent biases.
         gate: optional output gate of every mixer (see :mod:`attnzoo.layers.gate`).
+        downstream_agent_shapes: per stage, the run-time agent grid ``(ah, aw)`` of the agent blocks (official
+            downstream backbones: ``[(9, 9), (12, 12), (14, 14), (7, 7)]``); entries of stages without agent blocks
+            are ignored. ``None``: the ``sqrt(agent_num)`` grids of classification.
+        out_norms: add a LayerNorm (eps 1e-5) on each stage output, applied to the maps ``forward_intermediates`` /
+            ``features_only`` return and not fed to the next stage (official ``norm{i}``).
+        clamp_window: ``True`` (classification): a window larger than the map is clamped to it and unshifted, padded
+            tokens are masked. ``False``: the official downstream window blocks (windows of ``window_size`` on the
+            map zero-padded to a multiple, padded tokens unmasked, odd blocks shifted by ``window_size // 2`` with the
+            Swin region mask; see :class:`~attnzoo.layers.WindowAttention2d`).
     """
+
+    # why `attnzoo export --dynamic-size` refuses it before tracing (weights.onnx_export.dynamic_size_refusal)
+    dynamic_size_unsupported = (
+        "the window padding, shifts and masks of its window-attention stages are computed from the concrete size"
+    )
 
     def __init__(
         self,
@@ -92,6 +113,9 @@ class AgentSwinTransformer(HierarchicalVisionTransformer):
         in_chans: int = 3,
         qkv_bias: bool = True,
         gate: str = "none",
+        downstream_agent_shapes: Sequence[int | Sequence[int] | None] | None = None,
+        out_norms: bool = False,
+        clamp_window: bool = True,
         drop_path_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
@@ -104,6 +128,7 @@ class AgentSwinTransformer(HierarchicalVisionTransformer):
         num_stages = len(depths)
         if len(num_heads) != num_stages or len(agent_num) != num_stages:
             raise ValueError(f"num_heads and agent_num need one entry per stage ({num_stages})")
+        agent_shapes = check_agent_shapes(downstream_agent_shapes, num_stages)
         dims = [embed_dim * 2**i for i in range(num_stages)]
         kinds = block_types(attn_type, depths)
         grids = [
@@ -115,12 +140,22 @@ class AgentSwinTransformer(HierarchicalVisionTransformer):
         def make_block(i: int, j: int, drop_path: float) -> nn.Module:
             if kinds[i][j] == "agent":
                 mixer = AgentAttention(
-                    dims[i], num_heads=num_heads[i], agent_num=agent_num[i], grid_size=grids[i], **common
+                    dims[i],
+                    num_heads=num_heads[i],
+                    agent_num=agent_num[i],
+                    agent_shape=agent_shapes[i],
+                    grid_size=grids[i],
+                    **common,
                 )
             else:
-                shift = window_size // 2 if j % 2 else 0
                 mixer = WindowAttention2d(
-                    dims[i], num_heads=num_heads[i], window_size=window_size, shift_size=shift, **common
+                    dims[i],
+                    num_heads=num_heads[i],
+                    window_size=window_size,
+                    shift_size=window_size // 2 if j % 2 else 0,
+                    clamp_window=clamp_window,
+                    padding="mask" if clamp_window else "zero",
+                    **common,
                 )
             return TransformerBlock(
                 dims[i],
@@ -147,20 +182,36 @@ class AgentSwinTransformer(HierarchicalVisionTransformer):
             **dd,
         )
         stages = build_stages(depths, make_block, make_downsample, drop_path_rate)
-        super().__init__(stem, stages, dims, stem_stride=4, norm_layer=norm_layer, in_chans=in_chans, **dd, **kwargs)
+        super().__init__(
+            stem,
+            stages,
+            dims,
+            stem_stride=4,
+            norm_layer=norm_layer,
+            out_norm_layer=norm_layer if out_norms else None,
+            in_chans=in_chans,
+            **dd,
+            **kwargs,
+        )
 
 
 _DROPPED = re.compile(r"(attn_mask|relative_position_index)$")
+_OUT_NORM = re.compile(r"^norm(\d+)\.")
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Official Agent-Swin checkpoint (plain or ``{"model": ...}``) -> this model's state dict.
+def checkpoint_filter_fn(
+    state_dict: Mapping[str, Any], model: nn.Module, new_output_norms: bool = True
+) -> dict[str, torch.Tensor]:
+    """Official Agent-Swin checkpoint (plain or ``{"model": ...}``; classification or downstream backbone) -> this
+    model's state dict.
 
     ``patch_embed`` -> ``stem``; ``layers.i.blocks`` -> ``stages.i.blocks``; ``layers.i.downsample`` (after stage
-    ``i``) -> ``stages.{i+1}.downsample``; ``head`` -> ``head.fc``; the ``attn_mask`` / ``relative_position_index``
-    buffers are dropped (recomputed). Agent biases are resampled to the model's grid (another resolution) and agent
-    count, relative-position tables bicubically to the model's window (e.g. a 224 checkpoint, window 7, into
-    ``agent_swin_base_384``, window 12, as the official fine-tuning does).
+    ``i``) -> ``stages.{i+1}.downsample``; ``head`` -> ``head.fc``; the downstream output norms ``norm{i}`` ->
+    ``out_norms.{i}``; the ``attn_mask`` / ``relative_position_index`` buffers are dropped (recomputed). Agent biases
+    are resampled to the model's grid (another resolution) and agent count, relative-position tables bicubically to
+    the model's window (e.g. a 224 checkpoint, window 7, into ``agent_swin_base_384``, window 12, as the official
+    fine-tuning does). ``new_output_norms``: a model with output norms gets its own (untrained) ones when the
+    checkpoint has none (:func:`~attnzoo.weights.downstream.add_new_output_norms`).
     """
     state = unwrap_state_dict(state_dict)
     out: dict[str, torch.Tensor] = {}
@@ -177,12 +228,15 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dic
                 key = f"stages.{stage}.{part}.{rest}"
         elif key.startswith("head.") and not key.startswith("head.fc."):
             key = "head.fc." + key[len("head.") :]
+        elif _OUT_NORM.match(key):
+            key = _OUT_NORM.sub(lambda m: f"{OUT_NORMS}{m.group(1)}.", key)
         out[key] = value
     target = model.state_dict()
     for key in [k for k in out if k.endswith("relative_position_bias_table") and k in target]:
         if out[key].shape != target[key].shape and out[key].shape[1] == target[key].shape[1]:  # same heads
             out[key] = resize_rel_pos_bias_table_levit(out[key], target[key].shape, antialias=False)
-    return convert_agent_biases(out, target)
+    out = convert_agent_biases(out, target)
+    return add_new_output_norms(out, model) if new_output_norms else out
 
 
 def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> AgentSwinTransformer:

@@ -11,6 +11,11 @@ Any input size works: each routing block pads its map to a multiple of ``n_win``
 that take part in attention as published (``padding="zero"``), or excluded (``padding="mask"``, e.g.
 ``timm.create_model("biformer_tiny", padding="mask")``; identical where no padding occurs, e.g. 224 px). The released
 ImageNet-1k checkpoints (official keys) load through :func:`checkpoint_filter_fn`.
+
+Official downstream backbone (BiFormer ``object_detection/models_mm/biformer_mm.py``, ``semantic_segmentation/...``):
+``n_win=16`` (COCO) or ``8`` (ADE20K), ``auto_pad=True`` (the official name of ``padding="zero"``) and
+``out_norms=True`` (a LayerNorm2d, eps 1e-6, on each output: the official ``extra_norms.{i}``); the classifier and
+final BatchNorm are dropped. Detection freezes the BatchNorm statistics (mmdet ``norm_eval``), a detector setting.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from attnzoo.layers import (
     build_stages,
 )
 from attnzoo.weights import build_model_with_official_weights, unwrap_state_dict
+from attnzoo.weights.downstream import OUT_NORMS, add_new_output_norms
 
 __all__ = ["BiFormer", "checkpoint_filter_fn"]
 
@@ -82,8 +88,18 @@ class BiFormer(HierarchicalVisionTransformer):
         gate: output gate of every attention (``"none"`` as published).
         backend: routed-attention backend (``"auto"``: Triton on CUDA, reference elsewhere).
         padding: padding of maps whose sides are not multiples of ``n_win`` in the routing stages: ``"zero"``
-            (official, padded tokens take part) or ``"mask"`` (padded tokens are excluded).
+            (official ``auto_pad``: zero-padded at the right / bottom after ``norm1`` and before the qkv projection,
+            the padded tokens carry the qkv bias and take part in the region means, keys and the LCE, unmasked; the
+            output is cropped) or ``"mask"`` (padded tokens are excluded).
+        auto_pad: the official switch: ``True`` is ``padding="zero"`` (so an explicit ``padding="mask"`` with it is an
+            error). The official ``False`` (map sides must be multiples of ``n_win``) is not offered: attnzoo pads
+            every map; where the sides are multiples no padding occurs and both agree.
+        out_norms: add a LayerNorm (eps 1e-6) on each stage output, applied to the maps ``forward_intermediates`` /
+            ``features_only`` return and not fed to the next stage (official ``extra_norms``).
     """
+
+    # why `attnzoo export --dynamic-size` refuses it before tracing (weights.onnx_export.dynamic_size_refusal)
+    dynamic_size_unsupported = "the padding of its routing regions is computed from the concrete size"
 
     def __init__(
         self,
@@ -100,6 +116,8 @@ class BiFormer(HierarchicalVisionTransformer):
         gate: str = "none",
         backend: str = "auto",
         padding: str = "zero",
+        auto_pad: bool | None = None,
+        out_norms: bool = False,
         drop_path_rate: float = 0.0,
         in_chans: int = 3,
         num_classes: int = 1000,
@@ -112,6 +130,14 @@ class BiFormer(HierarchicalVisionTransformer):
         qk_dims = tuple(qk_dims or dims)
         if not len(depths) == len(dims) == len(topks) == len(qk_dims):
             raise ValueError("depths, dims, topks and qk_dims must have one entry per stage")
+        if auto_pad is not None:
+            if auto_pad is not True:
+                raise ValueError(
+                    f"auto_pad must be True (the official padding, padding='zero') or left unset, got {auto_pad!r}; "
+                    "attnzoo pads every map (padding='zero' or 'mask'), so the official auto_pad=False is not offered"
+                )
+            if padding != "zero":
+                raise ValueError(f"auto_pad=True is padding='zero'; it contradicts padding={padding!r}")
         norm_layer = partial(LayerNorm, eps=1e-6)
 
         def make_mixer(i: int) -> nn.Module:
@@ -165,6 +191,7 @@ class BiFormer(HierarchicalVisionTransformer):
             stages,
             dims,
             norm_layer=BatchNormChannelsLast,
+            out_norm_layer=norm_layer if out_norms else None,
             num_classes=num_classes,
             global_pool=global_pool,
             in_chans=in_chans,
@@ -199,17 +226,21 @@ def _convert_key(key: str) -> str:
         return f"stages.{stage}.blocks.{block}.{rest}"
     if key.startswith("head."):
         return "head.fc." + key[len("head.") :]
+    if key.startswith("extra_norms."):  # output norms of the detection / segmentation backbones
+        return OUT_NORMS + key[len("extra_norms.") :]
     return key
 
 
-def checkpoint_filter_fn(state_dict: dict, model: BiFormer) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: dict, model: BiFormer, new_output_norms: bool = True) -> dict[str, torch.Tensor]:
     """Map an official BiFormer checkpoint (``{"model": ...}`` or a bare state dict, official key names such as
-    ``downsample_layers.*``, ``stages.i.j.attn.qkv.qkv``, ``attn.wo``, ``mlp.0``, ``head``) onto attnzoo's keys;
-    attnzoo-format state dicts pass through unchanged."""
+    ``downsample_layers.*``, ``stages.i.j.attn.qkv.qkv``, ``attn.wo``, ``mlp.0``, ``head``, and ``extra_norms.i`` of
+    the downstream backbones) onto attnzoo's keys; attnzoo-format state dicts pass through unchanged.
+    ``new_output_norms``: a model with output norms gets its own (untrained) ones when the checkpoint has none
+    (:func:`~attnzoo.weights.downstream.add_new_output_norms`)."""
     state_dict = unwrap_state_dict(state_dict)
-    if "stem.proj.0.weight" in state_dict:
-        return state_dict
-    return {_convert_key(k): v for k, v in state_dict.items()}
+    if "stem.proj.0.weight" not in state_dict:
+        state_dict = {_convert_key(k): v for k, v in state_dict.items()}
+    return add_new_output_norms(state_dict, model) if new_output_norms else state_dict
 
 
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiFormer:

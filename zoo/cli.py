@@ -1,8 +1,9 @@
 """The ``attnzoo`` console script.
 
-``fit``, ``validate``, ``test`` and ``predict`` are the LightningCLI of :mod:`attnzoo.recipes.cli`; ``demo`` trains
-a small model on embedded digits (:mod:`attnzoo.recipes.demo`); ``profile``, ``convert``, ``export`` and ``models``
-are plain argparse.
+``fit``, ``validate``, ``test`` and ``predict`` are the LightningCLI of :mod:`attnzoo.recipes.cli` (``detect ...`` and
+``segment ...`` those of the detection and segmentation recipes); ``demo`` trains a small model on embedded digits
+(:mod:`attnzoo.recipes.demo`; ``demo detection`` / ``demo segmentation`` on digit scenes); ``profile``, ``convert``,
+``export`` and ``models`` are plain argparse.
 """
 
 from __future__ import annotations
@@ -35,10 +36,23 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    if args.config is not None:
+        if args.model or args.num_classes is not None or args.img_size is not None:
+            raise SystemExit("attnzoo convert: --config takes no --model, --num-classes or --img-size")
+        from .weights.dense_convert import convert_dense_checkpoint
+
+        out = convert_dense_checkpoint(args.config, args.src, args.out)
+        print(f"converted {args.src} for {args.config}: {out} (evaluate with --model.weights {out})")
+        return 0
+    if not args.model:
+        raise SystemExit("attnzoo convert: give --model (a classification model) or --config (a recipe config)")
     from .weights.convert import convert_checkpoint
 
     weights = convert_checkpoint(args.model, args.src, args.out, num_classes=args.num_classes, img_size=args.img_size)
-    print(f"converted {args.src} for {args.model}: {weights} (load with timm.create_model('local-dir:{args.out}'))")
+    print(
+        f"converted {args.src} for {args.model}: {weights} "
+        f"(load with timm.create_model('local-dir:{args.out}', pretrained=True))"
+    )
     return 0
 
 
@@ -77,9 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     commands.add_parser(
+        "segment",
+        help="ADE20K semantic segmentation, UperNet / Semantic FPN (LightningCLI): attnzoo segment "
+        "fit|validate|test|predict --config recipes/configs/ade20k/upernet_nat_tiny_160k.yaml; see attnzoo segment "
+        "--help",
+        add_help=False,
+    )
+    commands.add_parser(
         "demo",
         help="train a small gated ViT on 4,000 real MNIST digits (CPU, a few minutes) and report held-out top-1; "
-        "'attnzoo demo detection': a Mask R-CNN on scenes of those digits, held-out box and mask AP",
+        "'attnzoo demo detection': a Mask R-CNN on scenes of those digits, held-out box and mask AP; "
+        "'attnzoo demo segmentation': UperNet on those scenes, held-out mIoU",
         add_help=False,
     )
     profile = commands.add_parser(
@@ -95,12 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser(
         "convert",
-        help="convert a checkpoint (official, Hugging Face, exported) into a timm local-dir folder",
-        description="Load CHECKPOINT into MODEL through the model's checkpoint filter (official training pickles are "
-        "read without executing code) and write OUT/model.safetensors + OUT/config.json, loadable with "
-        "timm.create_model('local-dir:OUT').",
+        help="convert a checkpoint (official, Hugging Face, exported, mmdet) into a timm local-dir folder or, with "
+        "--config, a recipe weights folder",
+        description="With --model: load CHECKPOINT into MODEL through the model's checkpoint filter (official "
+        "training pickles are read without executing code) and write OUT/model.safetensors + OUT/config.json, "
+        "loadable with timm.create_model('local-dir:OUT', pretrained=True) (without pretrained=True timm builds "
+        "random weights). With --config: map a released mmdetection checkpoint (Mask R-CNN, Cascade Mask R-CNN, "
+        "RetinaNet) onto the detector of a COCO recipe config, or a released mmsegmentation checkpoint (UperNet, "
+        "Semantic FPN) onto the segmenter of an ADE20K recipe config, and write OUT/model.safetensors + "
+        "OUT/meta.json, loadable with --model.weights OUT.",
     )
-    convert.add_argument("--model", required=True, help="registered model name, e.g. nat_tiny")
+    convert.add_argument("--model", default=None, help="registered model name, e.g. nat_tiny")
+    convert.add_argument(
+        "--config", default=None, help="recipe config, e.g. coco/nat_mini_cascade_mask_rcnn_3x.yaml or ade20k/..."
+    )
     convert.add_argument("--src", required=True, metavar="CHECKPOINT", help="checkpoint file or exported folder")
     convert.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty)")
     convert.add_argument("--num-classes", type=int, default=None, help="the checkpoint's class count, if not the cfg's")
@@ -143,11 +173,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         run_detection_command(None if from_command_line else argv[1:])
         return 0
+    if argv and argv[0] == "segment":
+        from attnzoo.recipes.segmentation.cli import main as run_segmentation_command
+
+        run_segmentation_command(None if from_command_line else argv[1:])
+        return 0
     if argv and argv[0] == "demo":
         if argv[1:2] == ["detection"]:
             from attnzoo.recipes.detection.demo import run_detection_demo
 
             run_detection_demo(argv[2:])
+            return 0
+        if argv[1:2] == ["segmentation"]:
+            from attnzoo.recipes.segmentation.demo import run_segmentation_demo
+
+            run_segmentation_demo(argv[2:])
             return 0
         from attnzoo.recipes.demo import run_training_demo
 

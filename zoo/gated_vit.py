@@ -3,6 +3,8 @@
 Output gate of Qiu et al., 2025 ("Gated Attention for Large Language Models", G1 position) on DeiT-T/S/B
 (Touvron et al., 2021): every block's attention output is multiplied by ``sigmoid(x W_g)`` (per element by default,
 ``gate="headwise"`` for one gate per head, ``gate="none"`` for a plain DeiT) before the output projection.
+``gate="moh"`` routes every token to ``moh_topk`` of its heads plus ``moh_shared_heads`` always-active ones
+(mixture-of-head attention, :class:`~attnzoo.layers.MoHGate`; registered as ``moh_vit_*`` in :mod:`attnzoo.moh_vit`).
 
 The model is timm's ``VisionTransformer`` with timm's ``Block`` (so it has timm's whole ViT API:
 ``forward_intermediates``, ``features_only``, ``dynamic_img_size``, position-embedding resampling, timm/DeiT
@@ -14,6 +16,7 @@ bottom/right to whole patches (timm's ``dynamic_img_pad``).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -21,10 +24,10 @@ from timm.layers import Attention as TimmAttention
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from attnzoo.layers import GATE_MODES, Attention
+from attnzoo.layers import GATES, Attention, ZooVisionTransformer
 from attnzoo.weights import build_model_with_official_weights
 
-__all__ = ["ElementwiseGatedAttention", "HeadwiseGatedAttention", "gated_attention_layer"]
+__all__ = ["ElementwiseGatedAttention", "HeadwiseGatedAttention", "gated_attention_layer", "moh_attention_layer"]
 
 
 class ElementwiseGatedAttention(Attention):
@@ -44,22 +47,51 @@ class HeadwiseGatedAttention(Attention):
 _ATTN_LAYERS = {"none": TimmAttention, "elementwise": ElementwiseGatedAttention, "headwise": HeadwiseGatedAttention}
 
 
-def gated_attention_layer(gate: str) -> type:
-    """The attention class of timm's ViT ``Block`` for ``gate`` (one of :data:`attnzoo.layers.GATE_MODES`)."""
-    if gate not in _ATTN_LAYERS:
-        raise ValueError(f"gate must be one of {GATE_MODES}, got {gate!r}")
+@functools.cache
+def moh_attention_layer(topk: int, shared_heads: int = 0) -> type:
+    """:class:`~attnzoo.layers.Attention` with mixture-of-head routing (``topk`` routed heads per token,
+    ``shared_heads`` always active), as a class (timm's ``attn_layer``); one class per setting."""
+
+    class MoHAttention(Attention):
+        def __init__(self, dim: int, **kwargs: Any) -> None:
+            super().__init__(dim, gate="moh", moh_topk=topk, moh_shared_heads=shared_heads, **kwargs)
+
+    MoHAttention.__qualname__ = f"MoHAttention(topk={topk}, shared_heads={shared_heads})"
+    return MoHAttention
+
+
+def gated_attention_layer(gate: str, moh_topk: int | None = None, moh_shared_heads: int = 0) -> type:
+    """The attention class of timm's ViT ``Block`` for ``gate`` (one of :data:`attnzoo.layers.GATES`);
+    ``moh_topk`` / ``moh_shared_heads`` configure ``gate="moh"``."""
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    if gate != "moh" and (moh_topk is not None or moh_shared_heads):
+        raise ValueError(f"moh_topk / moh_shared_heads only apply to gate='moh', got gate={gate!r}")
+    if gate == "moh":
+        if not isinstance(moh_topk, int) or not isinstance(moh_shared_heads, int):
+            raise TypeError(
+                f"gate='moh' needs integer moh_topk and moh_shared_heads, got {moh_topk!r}, {moh_shared_heads!r}"
+            )
+        return moh_attention_layer(moh_topk, moh_shared_heads)
     return _ATTN_LAYERS[gate]
 
 
-def _create_gated_vit(variant: str, pretrained: bool = False, gate: str = "elementwise", **kwargs) -> VisionTransformer:
+def _create_gated_vit(
+    variant: str,
+    pretrained: bool = False,
+    gate: str = "elementwise",
+    moh_topk: int | None = None,
+    moh_shared_heads: int = 0,
+    **kwargs,
+) -> VisionTransformer:
     out_indices = kwargs.pop("out_indices", 3)
     kwargs.setdefault("dynamic_img_size", True)
     kwargs.setdefault("dynamic_img_pad", True)
     return build_model_with_official_weights(
-        VisionTransformer,
+        ZooVisionTransformer,
         variant,
         pretrained,
-        attn_layer=gated_attention_layer(gate),
+        attn_layer=gated_attention_layer(gate, moh_topk, moh_shared_heads),
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,

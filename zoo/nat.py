@@ -13,11 +13,19 @@ DiNAT-Large (ImageNet-22k pre-trained) has one architecture per official checkpo
 ``dinat_large.in22k_ft_in1k_384`` uses the 384 px dilations ``[1, 13, 1]``, ``[1, 6, 1, 6]``, ``[1, 3] * 9`` and the
 ``*_k11`` tags kernel 11 (see ``_DINAT_LARGE_TAGS``); explicit keyword arguments override the tag's.
 
-Any input size works: a dilation is clamped per axis to ``max(1, side // kernel)`` when a map is smaller than
-``kernel * dilation`` (as DiNAT), and maps smaller than the kernel are padded and masked by ``na2d``.
-:func:`checkpoint_filter_fn` loads the official checkpoints (``patch_embed``, ``levels.i.blocks.j``, ``gamma1/2``,
-``levels.i.downsample``) and the Hugging Face ``transformers`` layout (``nat.`` / ``dinat.`` prefixes,
+Any input size works: by default a dilation is clamped per axis to ``max(1, side // kernel)`` when a map is
+smaller than ``kernel * dilation``, and maps smaller than the kernel are padded and masked by ``na2d``;
+``small_maps="zero_pad"`` computes as the official code (NATTEN <= 0.14) instead: the map is zero-padded to
+``kernel * dilation`` before the qkv projection, the padded tokens take part, the output is cropped (see
+:class:`~attnzoo.layers.NeighborhoodAttention2d`). :func:`checkpoint_filter_fn` loads the official checkpoints
+(``patch_embed``, ``levels.i.blocks.j``, ``gamma1/2``, ``levels.i.downsample``, and ``norm0..3`` of the detection /
+segmentation backbones) and the Hugging Face ``transformers`` layout (``nat.`` / ``dinat.`` prefixes,
 ``attention.self.query/key/value/rpb``, ``layer_scale_parameters``).
+
+Official downstream backbone (SHI-Labs ``detection/nat.py``, ``segmentation/nat.py``): ``out_norms=True`` (a
+LayerNorm on each stage output, official ``norm{i}``), ``small_maps="zero_pad"``, and for DiNAT the task's dilations,
+e.g. DiNAT-Mini on COCO ``dilations=[[1, 28, 1], [1, 7, 1, 14], [1, 3, 1, 5, 1, 7], [1, 3, 1, 3, 1]]``; the RPB tables
+stay ``(heads, 2k - 1, 2k - 1)`` whatever the dilation.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from attnzoo.layers import (
     build_stages,
 )
 from attnzoo.weights import build_model_with_official_weights, unwrap_state_dict
+from attnzoo.weights.downstream import OUT_NORMS, add_new_output_norms
 
 __all__ = ["NAT", "checkpoint_filter_fn"]
 
@@ -59,7 +68,14 @@ class NAT(HierarchicalVisionTransformer):
         drop_path_rate: stochastic depth, rising linearly over all blocks.
         gate: output gate of the attention (``"none"`` is the published model).
         backend: ``na2d`` backend of every block.
+        small_maps: maps smaller than ``kernel * dilation``: ``"clamp"`` the dilation or ``"zero_pad"`` the map (the
+            official semantics), see :class:`~attnzoo.layers.NeighborhoodAttention2d`.
+        out_norms: add a LayerNorm (eps 1e-5) on each stage output, applied to the maps ``forward_intermediates`` /
+            ``features_only`` return and not fed to the next stage (the official downstream backbones' ``norm{i}``).
     """
+
+    # why `attnzoo export --dynamic-size` refuses it before tracing (weights.onnx_export.dynamic_size_refusal)
+    dynamic_size_unsupported = "its neighbourhood tiles (and the dilation clamp) are computed from the concrete size"
 
     def __init__(
         self,
@@ -76,6 +92,8 @@ class NAT(HierarchicalVisionTransformer):
         drop_path_rate: float = 0.2,
         gate: str = "none",
         backend: str = "auto",
+        small_maps: str = "clamp",
+        out_norms: bool = False,
         in_chans: int = 3,
         num_classes: int = 1000,
         global_pool: str = "avg",
@@ -103,6 +121,7 @@ class NAT(HierarchicalVisionTransformer):
                 gate=gate,
                 proj_drop=proj_drop_rate,
                 backend=backend,
+                small_maps=small_maps,
                 **dd,
             )
             return TransformerBlock(
@@ -126,6 +145,7 @@ class NAT(HierarchicalVisionTransformer):
             stages,
             dims,
             norm_layer=norm_layer,
+            out_norm_layer=norm_layer if out_norms else None,
             num_classes=num_classes,
             global_pool=global_pool,
             in_chans=in_chans,
@@ -162,6 +182,9 @@ def _convert_official_key(key: str) -> str:
         return f"stages.{stage}.blocks.{block}.{rest}"
     if key.startswith("head."):
         return "head.fc." + key[len("head.") :]
+    match = re.match(r"norm(\d+)\.(.*)", key)  # output norms of the detection / segmentation backbones
+    if match:
+        return f"{OUT_NORMS}{match.group(1)}.{match.group(2)}"
     return key
 
 
@@ -202,15 +225,17 @@ def _convert_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def checkpoint_filter_fn(state_dict: dict, model: NAT) -> dict[str, torch.Tensor]:
-    """Map an official NAT / DiNAT checkpoint (bare or wrapped as ``{"model": ...}`` / ``{"state_dict": ...}``) or a
-    Hugging Face ``transformers`` NAT / DiNAT state dict onto attnzoo's keys; attnzoo state dicts pass unchanged."""
+def checkpoint_filter_fn(state_dict: dict, model: NAT, new_output_norms: bool = True) -> dict[str, torch.Tensor]:
+    """Map an official NAT / DiNAT checkpoint (bare or wrapped as ``{"model": ...}`` / ``{"state_dict": ...}``;
+    classification or downstream backbone) or a Hugging Face ``transformers`` NAT / DiNAT state dict onto attnzoo's
+    keys; attnzoo state dicts pass unchanged. ``new_output_norms``: a model with output norms gets its own (untrained)
+    ones when the checkpoint has none (:func:`~attnzoo.weights.downstream.add_new_output_norms`)."""
     state_dict = unwrap_state_dict(state_dict)
     if any(k.startswith(("nat.", "dinat.", "embeddings.", "encoder.levels.")) for k in state_dict):
-        return _convert_hf(state_dict)
-    if any(k.startswith(("patch_embed.", "levels.")) for k in state_dict):
-        return {_convert_official_key(k): v for k, v in state_dict.items()}
-    return state_dict
+        state_dict = _convert_hf(state_dict)
+    elif any(k.startswith(("patch_embed.", "levels.")) for k in state_dict):
+        state_dict = {_convert_official_key(k): v for k, v in state_dict.items()}
+    return add_new_output_norms(state_dict, model) if new_output_norms else state_dict
 
 
 def _create_nat(variant: str, pretrained: bool = False, **kwargs) -> NAT:

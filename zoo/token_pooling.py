@@ -42,6 +42,8 @@ default_cfgs = generate_default_cfgs(
 def tokenpool_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> TokenPoolingVisionTransformer:
     """DeiT-S/16 with Token Pooling: 60% of the patch tokens kept after blocks 3, 6, 9 (197 -> 44 tokens)."""
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, keep_ratio=0.6)  # after blocks 3, 6, 9
+    if kwargs.get("num_clusters") is not None:  # explicit cluster counts replace the default ratio
+        model_args.pop("keep_ratio")
     return create_reducing_vit(
         TokenPoolingVisionTransformer,
         "tokenpool_deit_small_patch16_224",

@@ -1,27 +1,32 @@
-"""Detection backbones from zoo classifiers: multi-scale maps + a feature pyramid, as torchvision detectors want them.
+"""Dense-prediction backbones from zoo classifiers (detection and segmentation): multi-scale maps, optionally
+through a feature pyramid, as torchvision detectors and the segmentation decoders want them.
 
 - Hierarchical models (NAT, DiNAT, BiFormer, Agent-PVT/Swin, MetaPool...): ``timm.create_model(name,
   features_only=True)`` gives the stage maps (strides 4-32); ``torchvision.ops.FeaturePyramidNetwork`` turns them
-  into ``fpn_channels``-wide levels, plus ``LastLevelMaxPool`` (R-CNN) or ``LastLevelP6P7`` on the last stage map
-  (RetinaNet / FCOS).
+  into ``fpn_channels``-wide levels, plus ``LastLevelMaxPool`` (R-CNN), ``LastLevelP6P7`` on the last stage map
+  (RetinaNet / FCOS) or no extra level (Semantic FPN). ``fpn_channels=None`` returns the raw stage maps (UperNet).
 - Plain ViTs (gated ViT, Agent-DeiT, ToMe models): the last block's map (stride 16; ToMe models return it unmerged)
   goes through ViTDet's simple feature pyramid (Li et al., 2022): 2x2 transposed convolutions up to strides 8 and 4,
-  a 2x2 max-pool down to stride 32, and a 1x1 conv + LayerNorm + 3x3 conv + LayerNorm on every level.
+  a 2x2 max-pool down to stride 32, and a 1x1 conv + LayerNorm + 3x3 conv + LayerNorm on every level
+  (``fpn_channels=None``: as wide as the ViT).
 
-Both return an ``OrderedDict`` of ``(B, fpn_channels, H / s, W / s)`` maps and carry ``out_channels``, so any
-``torchvision.models.detection`` model accepts them.
+Both return an ``OrderedDict`` of ``(B, C_i, H / s, W / s)`` maps and carry ``channels`` (the ``C_i``) and
+``out_channels`` (the pyramid width; ``None`` for raw stage maps), so any ``torchvision.models.detection`` model
+accepts them.
 """
 
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 from timm.layers import LayerNorm2d
+from timm.models._features import FeatureGetterNet
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchvision.ops.feature_pyramid_network import (
@@ -32,9 +37,17 @@ from torchvision.ops.feature_pyramid_network import (
 )
 
 import attnzoo  # noqa: F401  (registers the zoo models into timm)
+from attnzoo.weights.downstream import filter_without_new_norms, new_output_norm_keys, warn_new_keys, zoo_filter
 from attnzoo.weights.io import load_state_dict_file
 
-__all__ = ["FeatureBackbone", "SimpleFeaturePyramid", "ViTDetBackbone", "build_backbone", "is_plain_vit"]
+__all__ = [
+    "FeatureBackbone",
+    "SimpleFeaturePyramid",
+    "ViTDetBackbone",
+    "build_backbone",
+    "is_plain_vit",
+    "load_backbone_weights",
+]
 
 
 def is_plain_vit(name: str, **kwargs) -> bool:
@@ -60,18 +73,67 @@ def _pretrained_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_backbone_weights(model: nn.Module, path: str | os.PathLike, classifier: str | None) -> None:
-    """Load ``path`` into the timm ``model`` (a feature net's inner model), dropping the classifier; every weight the
-    backbone keeps must be in the file (layers pruned by ``features_only`` may be extra)."""
+def load_backbone_weights(
+    body: nn.Module, path: str | os.PathLike, name: str, model_kwargs: Mapping[str, Any] | None = None
+) -> list[str]:
+    """Load classification weights into a backbone, strictly; returns the tensors that start untrained.
+
+    Args:
+        body: the ``features_only`` net (or the model itself) of timm model ``name`` built with ``model_kwargs``,
+            e.g. a downstream backbone (``out_norms=True``, ``downstream_agent_shapes=...``).
+        path: a classification recipe checkpoint (Lightning ``.ckpt``), an exported folder or a weights file, in
+            attnzoo's keys or the family's official classification layout (mapped by its ``checkpoint_filter_fn``;
+            agent biases and position embeddings are resampled to the model).
+
+    Every tensor the backbone keeps must come from the file, except the output norms of a downstream backbone when
+    the file has none (they start untrained; a warning names them). The file may hold more only where
+    ``features_only`` pruned the model: the classifier, the final norm, and the stages after the last of
+    ``out_indices``. Anything else (a larger or smaller sibling, another width) is a ``ValueError`` naming the
+    tensors. Shared by the detection and segmentation recipes.
+    """
+    model = body.model if isinstance(body, FeatureGetterNet) else body
     state = _pretrained_state_dict(path)
-    if classifier:
-        state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
-    missing, _ = model.load_state_dict(state, strict=False)
-    if missing:
+    if any(k.startswith("backbone.") for k in state):
         raise ValueError(
-            f"pretrained_backbone {str(path)!r} lacks {len(missing)} backbone weights, e.g. {missing[:5]}; "
-            "was it trained with the same backbone and backbone kwargs?"
+            f"pretrained_backbone {str(path)!r} is a detection / segmentation checkpoint (backbone.* keys), not "
+            "classification weights; map its backbone with attnzoo.weights.downstream.convert_backbone_state"
         )
+    state = filter_without_new_norms(zoo_filter(name), state, model)
+    with torch.device("meta"):
+        full = timm.create_model(name, pretrained=False, **dict(model_kwargs or {}))
+    expected = model.state_dict()
+    pruned = set(full.state_dict()) - set(expected)
+    classifier = model.pretrained_cfg.get("classifier")
+    classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
+    extra = sorted(
+        k
+        for k in state
+        if k not in expected and k not in pruned and not k.startswith(tuple(c + "." for c in classifiers))
+    )
+    new = new_output_norm_keys(state, model)
+    missing = sorted(k for k in expected if k not in state and k not in new)
+    mismatched = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    )
+    if extra or missing or mismatched:
+        problems = [
+            f"{len(keys)} {what}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
+            for keys, what in (
+                (extra, f"tensors that {name} does not have"),
+                (missing, "backbone tensors missing"),
+                (mismatched, "shapes differ"),
+            )
+            if keys
+        ]
+        raise ValueError(
+            f"pretrained_backbone {str(path)!r} does not fit {name}: {'; '.join(problems)}. Only the classifier and "
+            "the final norm may differ (is it a checkpoint of another size, or were other backbone kwargs used?)"
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    warn_new_keys(new, repr(str(path)))
+    return new
 
 
 def _freeze(module: nn.Module) -> None:
@@ -79,10 +141,22 @@ def _freeze(module: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def _extra_block(extra: str, in_channels: int, out_channels: int) -> ExtraFPNBlock:
-    """The levels above the last map: a stride-2 max-pool of it (``"maxpool"``), or P6/P7 convolutions on the last
-    backbone map (``"p6p7"``; on the pyramid's last level when ``in_channels == out_channels``)."""
-    return LastLevelMaxPool() if extra == "maxpool" else LastLevelP6P7(in_channels, out_channels)
+EXTRA_LEVELS = {"maxpool": 1, "p6p7": 2, "p6p7_on_input": 2, None: 0}  # levels added above the last map
+
+
+def _extra_block(extra: str | None, in_channels: int, out_channels: int) -> ExtraFPNBlock | None:
+    """The levels above the last map: a stride-2 max-pool of it (``"maxpool"``), P6/P7 convolutions on the last
+    backbone map (``"p6p7"``: torchvision's, on the pyramid's last level when ``in_channels == out_channels`` and a
+    ReLU before P7) or mmdet's (``"p6p7_on_input"``: always on the backbone map, no ReLU), or none (``None``)."""
+    if extra is None:
+        return None
+    if extra == "maxpool":
+        return LastLevelMaxPool()
+    if extra == "p6p7_on_input":
+        from .mmdet_ops import LastLevelP6P7OnInput
+
+        return LastLevelP6P7OnInput(in_channels, out_channels)
+    return LastLevelP6P7(in_channels, out_channels)
 
 
 class _TimmBody(nn.Module):
@@ -124,17 +198,18 @@ class _TimmBody(nn.Module):
 
 
 class FeatureBackbone(_TimmBody):
-    """A hierarchical timm model's stage maps + FPN.
+    """A hierarchical timm model's stage maps + FPN (``out_channels=None``: the stage maps themselves).
 
-    ``forward``: images ``(B, 3, H, W)`` -> ``OrderedDict`` of ``(B, out_channels, H / s, W / s)`` for the strides
-    ``s`` of ``out_indices`` (only those >= ``min_stride``), then the extra levels.
+    ``forward``: images ``(B, 3, H, W)`` -> ``OrderedDict`` of ``(B, out_channels, H / s, W / s)`` (without FPN:
+    ``(B, channels[i], H / s, W / s)``) for the strides ``s`` of ``out_indices`` (only those >= ``min_stride``),
+    then the extra levels.
     """
 
     def __init__(
         self,
         body: nn.Module,
-        out_channels: int,
-        extra: str,
+        out_channels: int | None,
+        extra: str | None,
         frozen_stages: int = -1,
         norm_eval: bool = False,
         min_stride: int = 4,
@@ -147,17 +222,24 @@ class FeatureBackbone(_TimmBody):
             raise ValueError(f"out_indices give strides {strides}; at least one must be >= {min_stride}")
         self.strides = [strides[i] for i in self.keep]
         in_channels = [channels[i] for i in self.keep]
-        self.fpn = FeaturePyramidNetwork(
-            in_channels, out_channels, extra_blocks=_extra_block(extra, in_channels[-1], out_channels)
-        )
+        if out_channels is None:
+            if extra is not None:
+                raise ValueError(f"extra levels ({extra!r}) need a pyramid: set fpn_channels")
+            self.fpn, self.channels = None, in_channels
+        else:
+            self.fpn = FeaturePyramidNetwork(
+                in_channels, out_channels, extra_blocks=_extra_block(extra, in_channels[-1], out_channels)
+            )
+            self.channels = [out_channels] * (len(in_channels) + EXTRA_LEVELS[extra])
         self.out_channels = out_channels
-        self.num_extra = 1 if extra == "maxpool" else 2
+        self.num_extra = EXTRA_LEVELS[extra]
         units = [info["module"] for info in body.feature_info.info]
         self._setup_freezing(units, frozen_stages, norm_eval)
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         maps = self.body(x)
-        return self.fpn(OrderedDict((str(k), maps[i]) for k, i in enumerate(self.keep)))
+        levels = OrderedDict((str(k), maps[i]) for k, i in enumerate(self.keep))
+        return levels if self.fpn is None else self.fpn(levels)
 
 
 class SimpleFeaturePyramid(nn.Module):
@@ -204,15 +286,15 @@ class SimpleFeaturePyramid(nn.Module):
 class ViTDetBackbone(_TimmBody):
     """A plain ViT's last block map (stride 16) + :class:`SimpleFeaturePyramid` + the extra levels.
 
-    ``forward``: images ``(B, 3, H, W)`` with ``H, W`` multiples of the patch size -> ``OrderedDict`` of
-    ``(B, out_channels, H / s, W / s)``.
+    ``forward``: images ``(B, 3, H, W)`` -> ``OrderedDict`` of ``(B, out_channels, ceil(H / s), ceil(W / s))``
+    (``out_channels=None``: the ViT's width).
     """
 
     def __init__(
         self,
         body: nn.Module,
-        out_channels: int,
-        extra: str,
+        out_channels: int | None,
+        extra: str | None,
         frozen_stages: int = -1,
         norm_eval: bool = False,
         min_stride: int = 4,
@@ -223,39 +305,45 @@ class ViTDetBackbone(_TimmBody):
         if stride != 16:
             raise ValueError(f"the simple feature pyramid needs a stride-16 ViT (patch size 16), got stride {stride}")
         strides = [s for s in (4, 8, 16, 32) if s >= min_stride]
-        self.pyramid = SimpleFeaturePyramid(body.feature_info.channels()[-1], out_channels, strides)
+        width = body.feature_info.channels()[-1]
+        out_channels = width if out_channels is None else out_channels
+        self.pyramid = SimpleFeaturePyramid(width, out_channels, strides)
         self.extra = _extra_block(extra, out_channels, out_channels)
         self.strides, self.out_channels = strides, out_channels
-        self.num_extra = 1 if extra == "maxpool" else 2
+        self.num_extra = EXTRA_LEVELS[extra]
+        self.channels = [out_channels] * (len(strides) + self.num_extra)
         units = [f"blocks.{i}" for i in range(len(body.model.blocks))]
         self._setup_freezing(units, frozen_stages, norm_eval)
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         maps = self.pyramid(self.body(x)[-1])
         names = [str(k) for k in range(len(maps))]
-        maps, names = self.extra(maps, maps, names)
+        if self.extra is not None:
+            maps, names = self.extra(maps, maps, names)
         return OrderedDict(zip(names, maps))
 
 
 def build_backbone(
     name: str,
     *,
-    extra: str = "maxpool",
+    extra: str | None = "maxpool",
     pretrained: bool | str | os.PathLike = False,
     out_indices: Sequence[int] = (0, 1, 2, 3),
-    fpn_channels: int = 256,
+    fpn_channels: int | None = 256,
     frozen_stages: int = -1,
     norm_eval: bool = False,
     min_stride: int = 4,
     **model_kwargs,
 ) -> FeatureBackbone | ViTDetBackbone:
     """Backbone + pyramid for timm model ``name`` (``extra``: ``"maxpool"`` adds a stride-2x level by max-pooling,
-    ``"p6p7"`` two conv levels); levels with stride < ``min_stride`` are left out. ``pretrained``: ``True`` loads
-    the model's cfg weights, a path loads a classification checkpoint or exported folder (classifier dropped)."""
-    if extra not in ("maxpool", "p6p7"):
-        raise ValueError(f"extra must be 'maxpool' or 'p6p7', got {extra!r}")
-    if fpn_channels < 1:
-        raise ValueError(f"fpn_channels must be positive, got {fpn_channels}")
+    ``"p6p7"`` / ``"p6p7_on_input"`` two conv levels, ``None`` none); levels with stride < ``min_stride`` are left
+    out. ``fpn_channels=None``: a hierarchical model's stage maps without FPN (a plain ViT's simple pyramid keeps the
+    ViT's width). ``pretrained``: ``True`` loads the model's cfg weights, a path loads a classification checkpoint
+    or exported folder (classifier dropped)."""
+    if extra not in EXTRA_LEVELS:
+        raise ValueError(f"extra must be 'maxpool', 'p6p7', 'p6p7_on_input' or None, got {extra!r}")
+    if fpn_channels is not None and fpn_channels < 1:
+        raise ValueError(f"fpn_channels must be positive or None, got {fpn_channels}")
     if not timm.is_model(name):
         from attnzoo.recipes.module import check_model_name
 
@@ -267,12 +355,17 @@ def build_backbone(
         plain = is_plain_vit(name, **model_kwargs)
         indices: int | tuple[int, ...] = 1 if plain else tuple(out_indices)
         body = timm.create_model(
-            name, pretrained=pretrained is True, features_only=True, out_indices=indices, **model_kwargs
+            name,
+            pretrained=pretrained is True,
+            features_only=True,
+            feature_cls="getter",
+            out_indices=indices,
+            **model_kwargs,
         )
     except TypeError as err:
         raise TypeError(f"backbone kwargs {sorted(model_kwargs)} rejected by {name}: {err}") from err
     if from_file is not None:
-        _load_backbone_weights(body.model, from_file, body.model.pretrained_cfg.get("classifier"))
+        load_backbone_weights(body, from_file, name, model_kwargs)
     cls = ViTDetBackbone if plain else FeatureBackbone
     backbone = cls(body, fpn_channels, extra, frozen_stages, norm_eval, min_stride)
     backbone.pretrained_cfg = body.model.pretrained_cfg

@@ -6,7 +6,8 @@ best ``val/bbox_AP`` kept), ``last_checkpoint`` (``last.ckpt`` rewritten every e
 ``predictions`` (:class:`DetectionWriter`: COCO results JSON, ``--render DIR`` for PNGs). The conventions of the
 classification CLI apply: shipped config names resolve from any folder, ``use_distributed_sampler: false``, atomic
 checkpoints, the img/s + ETA progress bar, a learning-rate monitor, a final summary (with AP), and
-``--ckpt_path last`` resumes a crashed run.
+``--ckpt_path last`` resumes a crashed run. ``predict`` needs ``--ckpt_path`` or converted ``--model.weights``:
+without either the detection heads are random.
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ class DetectionCLI(ZooCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         self.add_checkpoint_arguments(parser)
         parser.add_lightning_class_args(DetectionWriter, "predictions")
+
+    def before_predict(self) -> None:
+        """Refuse to predict with random detection heads (the backbone alone may be pretrained)."""
+        config = self.config[self.subcommand]
+        if not config.get("ckpt_path") and not config.get("model", {}).get("weights"):
+            raise ValueError(
+                "attnzoo detect predict needs --ckpt_path (last, or a .ckpt file of attnzoo detect fit) or "
+                "--model.weights (a folder written by attnzoo convert --config): without either the detection heads "
+                "are randomly initialised and the detections meaningless"
+            )
 
 
 def _detection_trainer_defaults() -> dict:

@@ -32,7 +32,9 @@ from torchvision.datasets.vision import VisionDataset
 from torchvision.transforms import v2
 
 from ..loaders import LazyIterLoader, RankAwareDataModule
-from ..samplers import AspectRatioBatchSampler, PaddedEvalDataset, ShardedEvalSampler, check_aspect_ratios
+from ..samplers import AspectRatioBatchSampler, PaddedEvalDataset, ShardedEvalSampler, check_aspect_ratio_bins
+from .augment import AUGMENTATIONS, DETR_CROP_SCALES, DETR_CROP_SIZE, train_transform
+from .build import MASK_ARCHS
 from .coco_json import images_folder_as_coco, load_coco_json
 
 __all__ = ["CocoDataModule", "CocoJsonDataset", "DetectionDataset", "collate_detection"]
@@ -122,10 +124,17 @@ class DetectionDataset(Dataset):
     def _item(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         try:
             image, raw = self.wrapped[index]
-        except (OSError, SyntaxError, ValueError) as err:  # PIL: truncated / unidentified / corrupt files
+        except Exception as err:  # PIL: truncated / unidentified / corrupt files; pycocotools: annotations
             image_id = self.base.ids[index]
             path = os.path.join(self.base.root, self.base.coco.imgs[image_id]["file_name"])
-            raise ValueError(f"cannot read image {path} (image id {image_id}): {err}") from err
+            try:
+                self.base._load_image(image_id)
+            except (OSError, SyntaxError, ValueError) as image_err:
+                raise ValueError(f"cannot read image {path} (image id {image_id}): {image_err}") from err
+            raise ValueError(
+                f"cannot turn the annotations of image id {image_id} ({path}; annotation ids "
+                f"{self.base.coco.getAnnIds(imgIds=image_id)[:10]}) into targets: {type(err).__name__}: {err}"
+            ) from err
         image, target = self.transform(image, self._target(image, raw))
         out = {"image_id": target["image_id"], "boxes": target["boxes"].as_subclass(torch.Tensor).float()}
         out["labels"] = target["labels"]
@@ -181,9 +190,13 @@ class CocoDataModule(RankAwareDataModule):
         train_scales: short-side sizes drawn per training image (default 480, 512, ..., 800); ``train_max_size``
             caps the long side (1333). The evaluation size is the model's (``min_size`` / ``max_size``).
         hflip: horizontal flip probability.
+        augment: ``"resize"`` (short side from ``train_scales``, flip) or ``"detr_crop"`` (DETR's multi-scale crop
+            augmentation of the NAT/DiNAT 3x and Agent-Swin configs: flip, then either a ``train_scales`` resize or
+            a ``crop_scales`` resize, a random crop of ``crop_size`` = ``[min, max]`` pixels per side and a
+            ``train_scales`` resize; :mod:`~attnzoo.recipes.detection.augment`).
         aspect_ratio_bins: width/height ratios that group the training batches (each batch has images of one bin;
-            default portrait / landscape); ``None``: one bin.
-        with_masks: load instance masks; ``None``: when the attached model is a Mask R-CNN.
+            default portrait / landscape; ratios in ``[1/8, 8]``); ``None``: one bin.
+        with_masks: load instance masks; ``None``: when the attached model is a (Cascade) Mask R-CNN.
         skip_empty_train: leave training images without (non-crowd) annotations out.
         seed: seed of the batch order and the augmentation (epoch ``e`` uses ``seed + e``).
     """
@@ -209,6 +222,9 @@ class CocoDataModule(RankAwareDataModule):
         train_scales: Sequence[int] = DEFAULT_SCALES,
         train_max_size: int = 1333,
         hflip: float = 0.5,
+        augment: str = "resize",
+        crop_scales: Sequence[int] = DETR_CROP_SCALES,
+        crop_size: Sequence[int] = DETR_CROP_SIZE,
         aspect_ratio_bins: Sequence[float] | None = (0.75, 1.333),
         with_masks: bool | None = None,
         skip_empty_train: bool = True,
@@ -227,8 +243,15 @@ class CocoDataModule(RankAwareDataModule):
             )
         if not 0.0 <= hflip <= 1.0:
             raise ValueError(f"hflip must be a probability in [0, 1], got {hflip}")
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}; got {augment!r}")
+        if augment == "detr_crop":
+            if not crop_scales or any(int(s) < 1 for s in crop_scales) or max(crop_scales) > train_max_size:
+                raise ValueError(f"crop_scales must be positive sizes <= train_max_size, got {list(crop_scales)}")
+            if len(crop_size) != 2 or not 1 <= crop_size[0] <= crop_size[1]:
+                raise ValueError(f"crop_size must be [min, max] with 1 <= min <= max, got {list(crop_size)}")
         if aspect_ratio_bins is not None:
-            check_aspect_ratios(aspect_ratio_bins, "aspect_ratio_bins", distinct=True)
+            check_aspect_ratio_bins(aspect_ratio_bins)
         self.save_hyperparameters()
         self.batch_size = batch_size
         if eval_batch_size < 1:
@@ -261,7 +284,7 @@ class CocoDataModule(RankAwareDataModule):
         if self.hparams.with_masks is not None:
             return self.hparams.with_masks
         module = self.trainer.lightning_module if self.trainer is not None else None
-        return getattr(getattr(module, "hparams", None), "arch", None) == "mask_rcnn"
+        return getattr(getattr(module, "hparams", None), "arch", None) in MASK_ARCHS
 
     def _set_categories(self, data: dict[str, Any], ann: str) -> None:
         categories = sorted(data["categories"], key=lambda c: c["id"])
@@ -276,14 +299,8 @@ class CocoDataModule(RankAwareDataModule):
 
     def train_transform(self) -> v2.Compose:
         hp = self.hparams
-        return v2.Compose(
-            [
-                v2.ToImage(),
-                v2.RandomShortestSize(list(hp.train_scales), max_size=hp.train_max_size, antialias=True),
-                v2.RandomHorizontalFlip(hp.hflip),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.SanitizeBoundingBoxes(min_size=1.0),
-            ]
+        return train_transform(
+            hp.augment, hp.train_scales, hp.train_max_size, hp.hflip, crop_scales=hp.crop_scales, crop_size=hp.crop_size
         )
 
     @staticmethod
@@ -300,6 +317,12 @@ class CocoDataModule(RankAwareDataModule):
             self._set_categories(data, ann)
         if split == "train" and self.hparams.skip_empty_train:
             used = {a["image_id"] for a in data["annotations"] if not a["iscrowd"]}
+            if not used:
+                raise ValueError(
+                    f"{ann}: no training image has an annotation with iscrowd 0 ({len(data['annotations'])} "
+                    "annotations, all crowd, which training ignores); a training set needs annotations with "
+                    "iscrowd 0 (data.skip_empty_train: true leaves images without them out)"
+                )
             data = {**data, "images": [im for im in data["images"] if im["id"] in used]}
         base = CocoJsonDataset(images, data)
         if split != "train" and ann is not None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.utils import make_grid
 
+from ..checkpoint_io import atomic_write
 from ..cli import CONFIG_DIR
 from .cli import run_cli
 from .digit_scenes import write_digit_scenes
@@ -73,11 +74,9 @@ def render_test_predictions(
         large = F.interpolate(image[None], scale_factor=upscale, mode="nearest")[0]
         pictures.append(render_detections(large, results, names, score))
     model.train(was_training)
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
     grid = make_grid(pictures, nrow=3, padding=4, pad_value=255)  # (3, H, W) uint8
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(out_png)
-    return out_png
+    picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    return atomic_write(out_png, lambda f: picture.save(f, format="PNG"))
 
 
 def _ap_line(name: str, metrics: dict) -> str:
@@ -94,6 +93,9 @@ def run_detection_demo(args: Sequence[str] = ()) -> dict:
     parser.add_argument("--train-scenes", type=int, default=TRAIN_SCENES)
     parser.add_argument("--test-scenes", type=int, default=TEST_SCENES)
     own, rest = parser.parse_known_args(list(args))
+    for flag, value in (("--train-scenes", own.train_scenes), ("--test-scenes", own.test_scenes)):
+        if value < 1:
+            raise ValueError(f"{flag} must be a positive number of scenes, got {value}")
     if "-h" in rest or "--help" in rest:
         print(
             f"attnzoo demo detection: --train-scenes N (default {TRAIN_SCENES}), --test-scenes N (default "

@@ -11,7 +11,6 @@ JSON. Gradient clipping, precision and the strategy are Trainer settings.
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -21,29 +20,49 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
-from .build import ARCHS, build_detector
+from ..checkpoint_io import atomic_write
+from ..param_groups import dense_param_groups, keyword_param_groups
+from .build import ARCHS, MASK_ARCHS, build_detector
 from .evaluation import detections_to_coco, evaluate_coco
 from .schedule import WarmupMultiStep, resolve_schedule
 
 __all__ = ["ObjectDetector"]
 
 
+def _category_map(categories: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``[{"id": int, "name": str}, ...]`` in label order (label ``k`` is entry ``k - 1``)."""
+    return [{"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in categories]
+
+
+def _format_map(categories: list[dict[str, Any]] | None, limit: int = 12) -> str:
+    """``{3: 'square', 7: 'disk'}`` (the first ``limit`` entries, then the count)."""
+    if categories is None:
+        return "no categories"
+    items = ", ".join(f"{c['id']}: {c['name']!r}" for c in categories[:limit])
+    more = f", ... ({len(categories)} in all)" if len(categories) > limit else ""
+    return "{" + items + more + "}"
+
+
 class ObjectDetector(pl.LightningModule):
     """Object detection / instance segmentation with :func:`~attnzoo.recipes.detection.build_detector`.
 
     Args:
-        arch: ``"faster_rcnn" | "mask_rcnn" | "retinanet" | "fcos"``.
+        arch: ``"faster_rcnn" | "mask_rcnn" | "cascade_mask_rcnn" | "retinanet" | "fcos"``.
         backbone: a timm model name (zoo models are registered by ``import attnzoo``).
         num_classes: object categories (must match the data's).
         pretrained_backbone: ``True`` (cfg weights) or a classification checkpoint / exported folder / weights file.
         backbone_kwargs: ``timm.create_model`` arguments (``drop_path_rate``...).
-        out_indices, fpn_channels, frozen_stages, norm_eval, min_size, max_size, detector_kwargs: see
+        out_indices, fpn_channels, frozen_stages, norm_eval, min_size, max_size, ops, detector_kwargs: see
             :func:`~attnzoo.recipes.detection.build_detector` (``min_size``/``max_size``: the evaluation size; the
-            data module resizes training images, the model does not resize them again).
+            data module resizes training images, the model does not resize them again; ``ops``: ``"torchvision"``
+            or ``"mmdet"`` arithmetic).
+        weights: a folder written by ``attnzoo convert --config`` (``model.safetensors`` + ``meta.json``), loaded
+            strictly into the whole module; its categories become the module's (the data's must be the same).
         lr: AdamW learning rate of the detector (heads, pyramid); the backbone gets ``lr * backbone_lr_mult``.
         weight_decay: decoupled weight decay (not on 1-D parameters, biases and ``no_weight_decay()`` names).
+        no_decay_keys: mmdetection's rule instead (``paramwise_cfg.custom_keys`` with ``decay_mult=0``): no decay on
+            the parameters whose name contains one of these strings, decay on every other one (biases too).
         layer_decay: layer-wise lr decay of the backbone (``None``: off).
         betas: AdamW betas.
         schedule: ``"1x"``, ``"3x"`` or ``None`` (then ``epochs`` and ``milestones`` are required); ``epochs`` and
@@ -67,9 +86,12 @@ class ObjectDetector(pl.LightningModule):
         norm_eval: bool = False,
         min_size: int = 800,
         max_size: int = 1333,
+        ops: str = "torchvision",
         detector_kwargs: dict[str, Any] | None = None,
+        weights: str | None = None,
         lr: float = 1e-4,
         weight_decay: float = 0.05,
+        no_decay_keys: list[str] | None = None,
         backbone_lr_mult: float = 1.0,
         layer_decay: float | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -90,23 +112,35 @@ class ObjectDetector(pl.LightningModule):
             raise ValueError(f"model.layer_decay must be in (0, 1], got {layer_decay}")
         if backbone_lr_mult < 0:
             raise ValueError(f"model.backbone_lr_mult must be >= 0, got {backbone_lr_mult}")
+        if no_decay_keys is not None and layer_decay is not None:
+            raise ValueError("model.no_decay_keys (mmdetection's grouping) and model.layer_decay cannot be combined")
         self.epochs, self.milestones = resolve_schedule(schedule, epochs, milestones)
         self.model = build_detector(
             arch,
             backbone,
             num_classes,
-            pretrained_backbone=pretrained_backbone,
+            pretrained_backbone=False if weights else pretrained_backbone,  # the converted weights replace them
             out_indices=tuple(out_indices),
             fpn_channels=fpn_channels,
             frozen_stages=frozen_stages,
             norm_eval=norm_eval,
             min_size=min_size,
             max_size=max_size,
+            ops=ops,
             detector_kwargs={"_skip_resize": True, **(detector_kwargs or {})},
             **(backbone_kwargs or {}),
         )
-        self.iou_types = ("bbox", "segm") if arch == "mask_rcnn" else ("bbox",)
+        self.iou_types = ("bbox", "segm") if arch in MASK_ARCHS else ("bbox",)
         self.categories: list[dict[str, Any]] = [{"id": k, "name": str(k)} for k in range(1, num_classes + 1)]
+        self._data_categories: list[dict[str, Any]] | None = None  # the annotation files', set by setup()
+        self._map_from_checkpoint = False
+        self._weights_categories: list[dict[str, Any]] | None = None  # the converted weights' map, if they store one
+        if weights:
+            from attnzoo.weights.dense_convert import load_converted
+
+            converted = load_converted(self, weights)
+            if converted:
+                self.categories = self._weights_categories = _category_map(converted)
         self._results: list[dict[str, Any]] = []
         self._image_ids: list[int] = []
 
@@ -116,46 +150,82 @@ class ObjectDetector(pl.LightningModule):
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
+        """Take the category map (COCO ids and names, in label order) of the annotation files. A checkpoint loaded
+        with ``--ckpt_path`` must have the same map (:meth:`on_load_checkpoint`); without one, the number of
+        categories must be ``model.num_classes`` (checked when the stage starts, once it is known that no checkpoint
+        was loaded)."""
         dm = self.trainer.datamodule
-        data_classes = getattr(dm, "num_classes", None)
-        if data_classes is not None and data_classes != self.hparams.num_classes:
+        self._data_categories = _category_map(dm.categories) if getattr(dm, "categories", None) else None
+        data, converted = self._data_categories, self._weights_categories
+        if data is not None and converted is not None and data != converted:
             raise ValueError(
-                f"the annotations have {data_classes} categories but model.num_classes is "
-                f"{self.hparams.num_classes}; set model.num_classes: {data_classes}"
+                f"model.weights {self.hparams.weights} predicts the categories {_format_map(converted)}, but the "
+                f"annotation files have {_format_map(data)}; evaluate on annotations that list the same categories "
+                "(same COCO ids and names)"
             )
-        if getattr(dm, "categories", None):
-            self.categories = [{"id": c["id"], "name": str(c.get("name", c["id"]))} for c in dm.categories]
+        if data is not None:
+            self.categories = data
+        self._map_from_checkpoint = False
+
+    def _check_num_classes(self) -> None:
+        data = self._data_categories
+        if data is None or self._map_from_checkpoint or len(data) == self.hparams.num_classes:
+            return
+        raise ValueError(
+            f"the annotations have {len(data)} categories ({_format_map(data)}) but model.num_classes is "
+            f"{self.hparams.num_classes}; set model.num_classes: {len(data)}"
+        )
+
+    def on_fit_start(self) -> None:
+        self._check_num_classes()
+
+    on_validation_start = on_test_start = on_predict_start = on_fit_start
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["categories"] = self.categories
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.categories = checkpoint.get("categories", self.categories)
+        """Restore the checkpoint's category map, before its weights. ValueError naming both maps when the
+        annotation files of this run have another one (other ids, names, order or number: the labels would mean
+        other categories), and naming the checkpoint's class count when ``model.num_classes`` differs from it."""
+        saved = checkpoint.get("categories")
+        data = self._data_categories
+        if saved is None:  # a checkpoint from elsewhere: only the class count can be compared
+            if data is not None and len(data) != self.hparams.num_classes:
+                raise ValueError(
+                    f"the annotations have {len(data)} categories ({_format_map(data)}) but model.num_classes is "
+                    f"{self.hparams.num_classes}, and the checkpoint stores no category map to compare them with"
+                )
+            return
+        saved = _category_map(saved)
+        if data is not None and saved != data:
+            raise ValueError(
+                f"the annotation files' categories differ from the checkpoint's: the checkpoint was trained with "
+                f"{_format_map(saved)}, the data has {_format_map(data)}. A detector's labels only mean the "
+                "categories it was trained with: evaluate or resume with annotations that list the same categories "
+                "(same COCO ids and names), or train a new model on these ones (without --ckpt_path)"
+            )
+        if len(saved) != self.hparams.num_classes:
+            raise ValueError(
+                f"the checkpoint was trained with {len(saved)} categories ({_format_map(saved)}) but model.num_classes "
+                f"is {self.hparams.num_classes}; set model.num_classes: {len(saved)} to load it"
+            )
+        self.categories = saved
+        self._map_from_checkpoint = True
 
     # ------------------------------------------------------------------ optimization
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
-        """AdamW groups: the backbone's (timm's weight-decay / layer-decay grouping, lr ``lr * backbone_lr_mult *
-        lr_scale``) and the rest (decay on >= 2-D weights only)."""
+        """AdamW groups (:mod:`attnzoo.recipes.param_groups`): with ``no_decay_keys``, mmdetection's rule
+        (:func:`~attnzoo.recipes.param_groups.keyword_param_groups`); otherwise the backbone's timm weight-decay /
+        layer-decay grouping (lr ``lr * backbone_lr_mult * lr_scale``) and the rest (decay on >= 2-D weights only,
+        :func:`~attnzoo.recipes.param_groups.dense_param_groups`)."""
         hp = self.hparams
-        timm_model = self.model.backbone.body.model
-        skip = timm_model.no_weight_decay() if hasattr(timm_model, "no_weight_decay") else set()
-        if hp.layer_decay is not None:
-            backbone = param_groups_layer_decay(timm_model, hp.weight_decay, skip, layer_decay=hp.layer_decay)
-        else:
-            backbone = param_groups_weight_decay(timm_model, hp.weight_decay, skip)
-        for group in backbone:
-            group["lr"] = lr * hp.backbone_lr_mult * group.get("lr_scale", 1.0)
-        inner = {id(p) for p in timm_model.parameters()}
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if id(p) in inner or not p.requires_grad:
-                continue
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-        head = [
-            {"params": decay, "weight_decay": hp.weight_decay, "lr": lr},
-            {"params": no_decay, "weight_decay": 0.0, "lr": lr},
-        ]
-        return [g for g in backbone + head if g["params"]]
+        backbone = self.model.backbone.body.model
+        if hp.no_decay_keys is not None:
+            return keyword_param_groups(
+                self.model, backbone, lr, hp.weight_decay, hp.backbone_lr_mult, hp.no_decay_keys
+            )
+        return dense_param_groups(self.model, backbone, lr, hp.weight_decay, hp.backbone_lr_mult, hp.layer_decay)
 
     def configure_optimizers(self) -> dict:
         hp = self.hparams
@@ -231,8 +301,12 @@ class ObjectDetector(pl.LightningModule):
         return [i for ids, _ in gathered for i in ids], [r for _, res in gathered for r in res]
 
     def results_path(self, prefix: str) -> Path:
+        """``val_detections_epoch<E>.json`` (validation during ``fit``), ``validate_detections_epoch<E>.json``
+        (``validate``, so it never replaces ``fit``'s file of that epoch) or ``test_detections.json``."""
         folder = Path(self.hparams.results_dir or Path(self.trainer.default_root_dir) / "detections")
-        suffix = f"_epoch{self.current_epoch:03d}" if prefix == "val" else ""
+        if prefix == "val" and self.trainer.state.fn == "validate":
+            prefix = "validate"
+        suffix = f"_epoch{self.current_epoch:03d}" if prefix in ("val", "validate") else ""
         return folder / f"{prefix}_detections{suffix}.json"
 
     def _evaluate(self, prefix: str) -> None:
@@ -243,11 +317,7 @@ class ObjectDetector(pl.LightningModule):
         metrics: dict[str, float] | None = None
         if gathered is not None:
             image_ids, results = gathered
-            path = self.results_path(prefix)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(results))
-            os.replace(tmp, path)
+            path = atomic_write(self.results_path(prefix), json.dumps(results))
             coco_gt = getattr(self.trainer.datamodule, "coco_gt", {}).get(split)
             if coco_gt is None:
                 raise ValueError(f"the datamodule has no COCO ground truth for the {split} split (coco_gt[{split!r}])")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
+from collections import Counter
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,12 +14,13 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from pycocotools import mask as mask_utils
-from torchvision.io import write_png
+from torchvision.io import encode_png
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from ..callbacks import TrainingSummary
+from ..checkpoint_io import atomic_write
 
-__all__ = ["DetectionSummary", "DetectionWriter", "render_detections"]
+__all__ = ["DetectionSummary", "DetectionWriter", "render_detections", "render_names"]
 
 _PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180)]
 
@@ -44,10 +45,29 @@ def render_detections(
     return draw_bounding_boxes(canvas, boxes, labels=labels, colors=colors, width=2)
 
 
+def render_names(files: dict[int, str]) -> dict[int, str]:
+    """The PNG (a path relative to the render folder) of every image id of ``files`` (image id -> ``file_name``): the
+    image's own relative path with its suffix replaced by ``.png`` (``sub/a.jpg`` -> ``sub/a.png``); images whose
+    PNGs would then collide keep their suffix (``a.jpg`` -> ``a.jpg.png``, ``a.png`` -> ``a.png.png``), and
+    ``..`` / absolute parts are dropped, so every image gets its own PNG inside the render folder."""
+
+    def relative(name: str) -> PurePosixPath:
+        parts = [p for p in PurePosixPath(str(name).replace("\\", "/")).parts if p not in ("/", "..", ".")]
+        return PurePosixPath(*parts) if parts else PurePosixPath("image")
+
+    short = {i: relative(name).with_suffix(".png").as_posix() for i, name in files.items()}
+    counts = Counter(short.values())
+    names = {i: n if counts[n] == 1 else f"{relative(files[i]).as_posix()}.png" for i, n in short.items()}
+    counts = Counter(names.values())
+    return {i: n if counts[n] == 1 else f"{n[: -len('.png')]}.id{i}.png" for i, n in names.items()}
+
+
 class DetectionWriter(BasePredictionWriter):
     """``attnzoo detect predict`` output: the COCO results JSON of all ranks in ``<dirpath>/detections.json``
-    (default ``<trainer.default_root_dir>``) and, with ``render`` (``--render DIR``), one PNG per image with the
-    detections of score >= ``score_threshold`` drawn (named after the image file)."""
+    (default ``<trainer.default_root_dir>``), every detection with its image's ``file_name`` next to the
+    ``image_id``, and, with ``render`` (``--render DIR``), one PNG per image with the detections of score >=
+    ``score_threshold`` drawn, named after the image file (see :func:`render_names`). Files are written atomically
+    and never through a link planted at their name."""
 
     def __init__(self, dirpath: str | None = None, render: str | None = None, score_threshold: float = 0.5) -> None:
         super().__init__(write_interval="batch")
@@ -56,19 +76,25 @@ class DetectionWriter(BasePredictionWriter):
         self.dirpath, self.render, self.score_threshold = dirpath, render, score_threshold
         self.results: list[dict[str, Any]] = []
         self.results_path: Path | None = None
+        self._files: dict[int, str] = {}
+        self._pngs: dict[int, str] = {}
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.results = []
+        dataset = getattr(trainer.datamodule, "datasets", {}).get("predict")
+        images = dataset.base.coco.imgs if dataset is not None else {}
+        self._files = {int(i): str(image["file_name"]) for i, image in images.items()}
+        self._pngs = render_names(self._files)
         if self.render:
             Path(self.render).mkdir(parents=True, exist_ok=True)
 
-    def _file_stem(self, trainer: pl.Trainer, image_id: int) -> str:
-        dataset = getattr(trainer.datamodule, "datasets", {}).get("predict")
-        image = dataset.base.coco.imgs.get(image_id) if dataset is not None else None
-        return Path(image["file_name"]).stem if image else f"image_{image_id}"
+    def _with_file_name(self, result: dict[str, Any]) -> dict[str, Any]:
+        file_name = self._files.get(result["image_id"])
+        return result if file_name is None else {**result, "file_name": file_name}
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        self.results.extend(prediction["results"])
+        results = [self._with_file_name(r) for r in prediction["results"]]
+        self.results.extend(results)
         if not self.render:
             return
         names = {c["id"]: c["name"] for c in getattr(pl_module, "categories", [])}
@@ -77,9 +103,10 @@ class DetectionWriter(BasePredictionWriter):
             if not bool(is_real):
                 continue
             image_id = int(target["image_id"])
-            results = [r for r in prediction["results"] if r["image_id"] == image_id]
-            picture = render_detections(image, results, names, self.score_threshold)
-            write_png(picture, str(Path(self.render) / f"{self._file_stem(trainer, image_id)}.png"))
+            shown = [r for r in results if r["image_id"] == image_id]
+            picture = render_detections(image, shown, names, self.score_threshold)
+            png = Path(self.render) / self._pngs.get(image_id, f"image_{image_id}.png")
+            atomic_write(png, encode_png(picture).numpy().tobytes())
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         results = self.results
@@ -88,11 +115,7 @@ class DetectionWriter(BasePredictionWriter):
             dist.gather_object(results, gathered, dst=0)
             results = [r for part in gathered or [] for r in part]
         if trainer.is_global_zero:
-            path = Path(self.dirpath or trainer.default_root_dir) / "detections.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(results))
-            os.replace(tmp, path)
+            path = atomic_write(Path(self.dirpath or trainer.default_root_dir) / "detections.json", json.dumps(results))
             self.results_path = path
             print(f"wrote {len(results)} detections to {path}" + (f", images to {self.render}" if self.render else ""))
 

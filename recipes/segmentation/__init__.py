@@ -1,0 +1,42 @@
+"""Semantic segmentation (ADE20K): UperNet and Semantic FPN on zoo backbones, data, Lightning module, CLI.
+
+Public names are imported on first use (``attnzoo.recipes.segmentation.build_segmenter``...), so importing the
+package does not pull in Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DECODERS": "build",
+    "Segmenter": "build",
+    "build_segmenter": "build",
+    "UPerHead": "heads",
+    "FCNHead": "heads",
+    "FPNHead": "heads",
+    "SemanticSegmenter": "module",
+    "SegmentationDataModule": "data",
+    "SegmentationFolder": "data",
+    "SegmentationTrainTransform": "transforms",
+    "confusion_matrix": "metrics",
+    "segmentation_metrics": "metrics",
+    "segment_image": "inference",
+    "slide_logits": "inference",
+    "SegmentationWriter": "writer",
+    "render_segmentation": "writer",
+    "ADE20K_CLASSES": "classes",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
