@@ -12,7 +12,8 @@ H100/H200 (sm_90):
    — ``na2d_forward`` / ``na2d_backward`` and the routing launchers, on ``meta`` tensors — inside
    :func:`attnzoo.kernels.triton_common.record_launches`, which records each ``launch`` (kernel, grid, arguments,
    constexprs, ``num_warps``, ``num_stages``) instead of running it. The tiling is the pure function the launcher
-   calls (``forward_config`` / ``backward_config``), so nothing here restates it.
+   calls (``forward_config`` / ``backward_config``, their ``na2d`` tiles from :func:`attnzoo.kernels.tiling.na2d_tile`,
+   the one tiling function of the CPU reference too), so nothing here restates it.
 3. **Compilation.** Each launch is specialised exactly as ``JITFunction.run`` does (its argument binder and
    ``_pack_args``: pointer dtypes, 16-divisibility and ``== 1`` specialisation of the integers) for a
    ``GPUTarget("cuda", 80 | 90, 32)``, deduplicated, and compiled with ``triton.compile``. Shared memory is the

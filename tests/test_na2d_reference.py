@@ -266,3 +266,129 @@ def test_layer_clamps_dilation_like_dinat():
     assert NeighborhoodAttention2d(32, num_heads=1, rpb=False).no_weight_decay() == set()
     with pytest.raises(ValueError, match="num_heads"):
         NeighborhoodAttention2d(30, num_heads=4)
+
+
+def _dense_definition(q, k, v, kernel_size, dilation, rpb, scale):
+    """All (query, key) pairs at once: logits over the whole map, masked to each query's NATTEN window (``_window``,
+    the definition), softmax, values; float64, independent of any tiling."""
+    B, H, W, heads, D = q.shape
+    axes = []
+    for length, kernel, dil in zip((H, W), kernel_size, dilation):
+        inside = torch.zeros(length, length, dtype=torch.bool)
+        rel = torch.zeros(length, length, dtype=torch.long)
+        for i in range(length):
+            for j in _window(i, length, kernel, dil):
+                if j < length:
+                    inside[i, j] = True
+                    rel[i, j] = (j - i) // dil + kernel - 1
+        axes.append((inside, rel))
+    (in_r, rel_r), (in_c, rel_c) = axes
+    inside = (in_r[:, None, :, None] & in_c[None, :, None, :]).reshape(H * W, H * W)
+    qf, kf, vf = (t.double().permute(0, 3, 1, 2, 4).reshape(B, heads, H * W, D) for t in (q, k, v))
+    logits = qf @ kf.transpose(-1, -2) * scale
+    if rpb is not None:
+        bias = rpb.double()[:, rel_r[:, None, :, None], rel_c[None, :, None, :]]  # (heads, H, W, H, W)
+        logits = logits + bias.reshape(heads, H * W, H * W)
+    out = logits.masked_fill(~inside, float("-inf")).softmax(-1) @ vf
+    return out.view(B, heads, H, W, D).permute(0, 2, 3, 1, 4)
+
+
+def _every_fitting_dilation(length: int, kernel: int) -> list[int]:
+    return list(range(1, max(1, length // kernel) + 1))
+
+
+@pytest.mark.parametrize(("size", "kernel_size"), [((11, 9), (3, 3)), ((13, 7), (4, 3)), ((4, 6), (5, 7))])
+def test_every_dilation_that_fits_matches_the_definition(size, kernel_size):
+    """Values and all four gradients of the autograd path, for every pair of dilations that fits the map (and the
+    padded maps smaller than ``kernel * dilation`` of the last case), odd and even kernels, on an odd map."""
+    q, k, v, rpb = _inputs((1, *size, 2, 3), kernel_size, True)
+    grad = torch.randn(q.shape, dtype=q.dtype, generator=torch.Generator().manual_seed(1))
+    for d0 in _every_fitting_dilation(size[0], kernel_size[0]):
+        for d1 in _every_fitting_dilation(size[1], kernel_size[1]):
+            expected = _dense_definition(q, k, v, kernel_size, (d0, d1), rpb, 0.4)
+            out = na2d(q, k, v, kernel_size, dilation=(d0, d1), rpb=rpb, scale=0.4, backend="reference")
+            torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10, msg=f"dilation {(d0, d1)}")
+            got = torch.autograd.grad(out, (q, k, v, rpb), grad)
+            want = torch.autograd.grad(expected, (q, k, v, rpb), grad)
+            for name, a, b in zip(("dq", "dk", "dv", "drpb"), got, want):
+                torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=f"{name}, dilation {(d0, d1)}")
+
+
+def _reference_op(q, k, v, kernel_size, dilation, rpb, scale):
+    """The reference custom op (what ``torch.compile`` runs): its forward and hand-written backward, called eagerly."""
+    return torch.ops.attnzoo.na2d_reference_forward(q, k, v, rpb, *kernel_size, *dilation, scale)[0]
+
+
+@pytest.mark.parametrize(
+    ("size", "kernel_size", "dilation"),
+    [((9, 11), (3, 5), (1, 1)), ((13, 10), (4, 3), (2, 3)), ((5, 4), (7, 3), (1, 1)), ((3, 2), (3, 3), (2, 2))],
+)
+@pytest.mark.parametrize("use_rpb", [False, True])
+def test_custom_op_backward_matches_the_definition(size, kernel_size, dilation, use_rpb):
+    """The op's hand-written backward (probabilities recomputed from the log-sum-exp, halo gradients scattered back):
+    odd maps, dilation, padding, with and without RPB."""
+    q, k, v, rpb = _inputs((2, *size, 2, 4), kernel_size, use_rpb)
+    expected = _dense_definition(q, k, v, kernel_size, dilation, rpb, 0.3)
+    out = _reference_op(q, k, v, kernel_size, dilation, rpb, 0.3)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+    inputs = [t for t in (q, k, v, rpb) if t is not None]
+    grad = torch.randn_like(out)
+    for name, a, b in zip(
+        ("dq", "dk", "dv", "drpb"), torch.autograd.grad(out, inputs, grad), torch.autograd.grad(expected, inputs, grad)
+    ):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 4e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("path", ["autograd", "custom op", "inference"])
+def test_cpu_dtypes_match_the_definition(dtype, tol, path):
+    """fp32 / bf16 / fp16 on the CPU (inputs rounded to the dtype, fp32 RPB table as under autocast) against the
+    float64 definition on the same rounded inputs: values and the four gradients."""
+    shape, kernel_size, dilation = (1, 10, 9, 2, 8), (5, 3), (2, 1)
+    q, k, v, rpb = _inputs(shape, kernel_size, True, dtype=torch.float32)
+    low = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    table = rpb.detach().clone().requires_grad_()
+    exact = [t.detach().double().requires_grad_() for t in low]
+    exact_table = table.detach().double().requires_grad_()
+    expected = _dense_definition(*exact, kernel_size, dilation, exact_table, 0.35)
+    if path == "inference":
+        with torch.no_grad():
+            out = na2d(*low, kernel_size, dilation=dilation, rpb=table, scale=0.35, backend="reference")
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), expected.detach(), atol=tol, rtol=tol)
+        return
+    if path == "custom op":
+        out = _reference_op(*low, kernel_size, dilation, table, 0.35)
+    else:
+        out = na2d(*low, kernel_size, dilation=dilation, rpb=table, scale=0.35, backend="reference")
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    got = torch.autograd.grad(out, (*low, table), grad.to(dtype))
+    want = torch.autograd.grad(expected, (*exact, exact_table), grad.double())
+    for name, a, b in zip(("dq", "dk", "dv", "drpb"), got, want):
+        assert a.dtype == (torch.float32 if name == "drpb" else dtype)
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a.double(), b, atol=4 * tol * max(1.0, scale), rtol=4 * tol, msg=name)
+
+
+def test_one_tiling_function_decides_every_tile():
+    """The reference's default tile and the Triton launchers' tiles come from :func:`attnzoo.kernels.tiling.na2d_tile`
+    (the AOT sweep replays the launchers): changing it changes them."""
+    pytest.importorskip("triton")
+    from attnzoo.kernels import tiling
+    from attnzoo.kernels.neighborhood import reference, triton_backward, triton_forward
+
+    for dtype in (torch.float32, torch.bfloat16):
+        tile = tiling.na2d_tile((7, 7), dtype, "triton")
+        forward = triton_forward.forward_config(dtype, 32, (7, 7))
+        backward = triton_backward.backward_config(dtype, 32, (7, 7))
+        assert (forward["TILE_H"], forward["TILE_W"]) == tile
+        assert all((c["TILE_H"], c["TILE_W"]) == tile for c in backward.values())
+    assert reference._default_tile(56, 56, (7, 7), (1, 1), torch.float32) == tiling.na2d_tile(
+        (7, 7), torch.float32, "reference", (56, 56)
+    )
+    # a group of at most 2k queries per axis is one tile: DiNAT's dilation 8 at 56 x 56 gives 7 x 7 groups
+    assert tiling.na2d_tile((7, 7), torch.float32, "reference", (7, 7)) == (7, 7)
+    with pytest.raises(ValueError, match="backend"):
+        tiling.na2d_tile((7, 7), torch.float32, "cuda")

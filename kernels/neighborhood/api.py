@@ -7,8 +7,7 @@ import torch
 from ..arguments import check_head_dims, check_int_pair, empty_output
 from ..dispatch import resolve_backend
 from ..flops import charged, na2d_macs
-from .ops import na2d_triton
-from .reference_op import na2d_reference_compiled
+from .ops import na2d_reference_op, na2d_triton
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -105,7 +104,7 @@ def na2d(
 
 def _na2d_dispatch(q, k, v, kernel_size, dilation, rpb, scale: float, backend: str) -> torch.Tensor:
     if backend == "reference":
-        return na2d_reference_compiled(q, k, v, kernel_size, dilation, rpb, scale)
+        return na2d_reference_op(q, k, v, kernel_size, dilation, rpb, scale)
     if q.dtype not in TRITON_DTYPES:
         raise TypeError(f"backend='triton' supports {', '.join(map(str, TRITON_DTYPES))}, got {q.dtype}")
     if q.shape[-1] > MAX_TRITON_HEAD_DIM:

@@ -15,14 +15,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import LOG2E, block_size, dot, dot_options, launch
-from .triton_forward import launch_config
+from ..triton_common import LOG2E, dot, dot_options, launch
+from .triton_forward import forward_config, launch_config
 from .triton_windows import (
-    key_span,
+    in_windows,
+    key_block,
+    map_load,
     map_tile_offsets,
+    program_tile,
     query_span,
-    tile_origin,
-    window_contains,
+    query_tile,
+    relative_bias,
+    span_slots,
     window_start,
 )
 
@@ -43,67 +47,45 @@ def _na2d_backward_query_kernel(
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    BLOCK_Q: tl.constexpr = TILE_H * TILE_W
     TABLE_W: tl.constexpr = 2 * KERNEL_W - 1
     TABLE: tl.constexpr = (2 * KERNEL_H - 1) * TABLE_W
     pid_tile = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads).to(tl.int64)
     n = pid_bh % heads
-
-    group_h, first_h, len_h = tile_origin(pid_tile // tiles_w, tiles_per_group_h, dil_h, padded_h, TILE_H)
-    group_w, first_w, len_w = tile_origin(pid_tile % tiles_w, tiles_per_group_w, dil_w, padded_w, TILE_W)
-    span_start_h, span_h = key_span(first_h, len_h, TILE_H, KERNEL_H)
-    span_start_w, span_w = key_span(first_w, len_w, TILE_W, KERNEL_W)
-
-    offs_q = tl.arange(0, BLOCK_Q)
-    qpos_h = first_h + offs_q // TILE_W
-    qpos_w = first_w + offs_q % TILE_W
-    qrow = qpos_h * dil_h + group_h
-    qcol = qpos_w * dil_w + group_w
-    q_ok = (qrow < H) & (qcol < W)
-    qstart_h = window_start(qpos_h, len_h, KERNEL_H)
-    qstart_w = window_start(qpos_w, len_w, KERNEL_W)
+    (
+        group_h, group_w, span_start_h, span_h, span_start_w, span_w,
+        qpos_h, qpos_w, qrow, qcol, q_ok, qstart_h, qstart_w,
+    ) = query_tile(
+        pid_tile, tiles_w, tiles_per_group_h, tiles_per_group_w, dil_h, dil_w, padded_h, padded_w, H, W,
+        TILE_H, TILE_W, KERNEL_H, KERNEL_W,
+    )  # fmt: skip
 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q_mask = q_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + map_tile_offsets(b, n, qrow, qcol, offs_d, sq_b, sq_n, sq_h, sq_w, sq_d), mask=q_mask, other=0.0)
-    do = tl.load(
-        DO + map_tile_offsets(b, n, qrow, qcol, offs_d, sdo_b, sdo_n, sdo_h, sdo_w, sdo_d), mask=q_mask, other=0.0
-    )
+    q = map_load(Q, b, n, qrow, qcol, offs_d, sq_b, sq_n, sq_h, sq_w, sq_d, q_mask)
+    do = map_load(DO, b, n, qrow, qcol, offs_d, sdo_b, sdo_n, sdo_h, sdo_w, sdo_d, q_mask)
     stat_offs = pid_bh * H * W + qrow * W + qcol
     lse = tl.load(LSE + stat_offs, mask=q_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + stat_offs, mask=q_ok, other=0.0)
 
-    dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-    num_keys = span_h * span_w
-    for block_start in range(0, num_keys, BLOCK_K):
-        offs_k = block_start + tl.arange(0, BLOCK_K)
-        kpos_h = span_start_h + offs_k // span_w
-        kpos_w = span_start_w + offs_k % span_w
-        krow = kpos_h * dil_h + group_h
-        kcol = kpos_w * dil_w + group_w
-        k_ok = (offs_k < num_keys) & (krow < H) & (kcol < W)
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(
-            K + map_tile_offsets(b, n, krow, kcol, offs_d, sk_b, sk_n, sk_h, sk_w, sk_d), mask=kv_mask, other=0.0
-        )
-        v = tl.load(
-            V + map_tile_offsets(b, n, krow, kcol, offs_d, sv_b, sv_n, sv_h, sv_w, sv_d), mask=kv_mask, other=0.0
-        )
-        inside = (
-            window_contains(qstart_h[:, None], kpos_h[None, :], KERNEL_H)
-            & window_contains(qstart_w[:, None], kpos_w[None, :], KERNEL_W)
-            & k_ok[None, :]
-            & q_ok[:, None]
-        )
+    dq = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
+    for block_start in range(0, span_h * span_w, BLOCK_K):
+        kpos_h, kpos_w, k, v, k_ok, inside = key_block(
+            K, V, b, n, block_start, span_start_h, span_start_w, span_h, span_w, group_h, group_w, dil_h, dil_w,
+            H, W, offs_d, d_ok, qstart_h, qstart_w,
+            sk_b, sk_h, sk_w, sk_n, sk_d, sv_b, sv_h, sv_w, sv_n, sv_d,
+            BLOCK_K, KERNEL_H, KERNEL_W,
+        )  # fmt: skip
+        inside = inside & q_ok[:, None]
         s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale_log2
         if HAS_RPB:
-            rel_h = kpos_h[None, :] - qpos_h[:, None] + KERNEL_H - 1
-            rel_w = kpos_w[None, :] - qpos_w[:, None] + KERNEL_W - 1
-            bias = tl.load(RPB + n * sr_n + rel_h * sr_h + rel_w * sr_w, mask=inside, other=0.0)
-            s += bias.to(tl.float32) * LOG2E
+            bias, rel_h, rel_w = relative_bias(
+                RPB, n, sr_n, sr_h, sr_w, qpos_h[:, None], qpos_w[:, None], kpos_h[None, :], kpos_w[None, :], inside,
+                KERNEL_H, KERNEL_W,
+            )  # fmt: skip
+            s += bias * LOG2E
         p = tl.where(inside, tl.exp2(s - lse[:, None]), 0.0)
         dp = dot(do, tl.trans(v), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
@@ -133,64 +115,50 @@ def _na2d_backward_key_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    BLOCK_K: tl.constexpr = TILE_H * TILE_W
     pid_tile = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads).to(tl.int64)
     n = pid_bh % heads
-
-    group_h, first_h, len_h = tile_origin(pid_tile // tiles_w, tiles_per_group_h, dil_h, padded_h, TILE_H)
-    group_w, first_w, len_w = tile_origin(pid_tile % tiles_w, tiles_per_group_w, dil_w, padded_w, TILE_W)
+    group_h, first_h, len_h, group_w, first_w, len_w = program_tile(
+        pid_tile, tiles_w, tiles_per_group_h, tiles_per_group_w, dil_h, dil_w, padded_h, padded_w, TILE_H, TILE_W
+    )
     span_start_h, span_h = query_span(first_h, len_h, TILE_H, KERNEL_H)
     span_start_w, span_w = query_span(first_w, len_w, TILE_W, KERNEL_W)
-
-    offs_k = tl.arange(0, BLOCK_K)
-    kpos_h = first_h + offs_k // TILE_W
-    kpos_w = first_w + offs_k % TILE_W
-    krow = kpos_h * dil_h + group_h
-    kcol = kpos_w * dil_w + group_w
-    k_ok = (krow < H) & (kcol < W)
+    kpos_h, kpos_w, krow, kcol, k_ok = span_slots(
+        0, first_h, first_w, TILE_H, TILE_W, group_h, group_w, dil_h, dil_w, H, W, TILE_H * TILE_W
+    )
 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     kv_mask = k_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + map_tile_offsets(b, n, krow, kcol, offs_d, sk_b, sk_n, sk_h, sk_w, sk_d), mask=kv_mask, other=0.0)
-    v = tl.load(V + map_tile_offsets(b, n, krow, kcol, offs_d, sv_b, sv_n, sv_h, sv_w, sv_d), mask=kv_mask, other=0.0)
+    k = map_load(K, b, n, krow, kcol, offs_d, sk_b, sk_n, sk_h, sk_w, sk_d, kv_mask)
+    v = map_load(V, b, n, krow, kcol, offs_d, sv_b, sv_n, sv_h, sv_w, sv_d, kv_mask)
 
-    dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
-    num_queries = tl.maximum(span_h, 0) * tl.maximum(span_w, 0)
-    for block_start in range(0, num_queries, BLOCK_Q):
-        offs_q = block_start + tl.arange(0, BLOCK_Q)
-        qpos_h = span_start_h + offs_q // span_w
-        qpos_w = span_start_w + offs_q % span_w
-        qrow = qpos_h * dil_h + group_h
-        qcol = qpos_w * dil_w + group_w
-        q_ok = (offs_q < num_queries) & (qrow < H) & (qcol < W)
+    dk = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
+    dv = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
+    span_h = tl.maximum(span_h, 0)
+    span_w = tl.maximum(span_w, 0)
+    for block_start in range(0, span_h * span_w, BLOCK_Q):
+        qpos_h, qpos_w, qrow, qcol, q_ok = span_slots(
+            block_start, span_start_h, span_start_w, span_h, span_w, group_h, group_w, dil_h, dil_w, H, W, BLOCK_Q
+        )
         q_mask = q_ok[:, None] & d_ok[None, :]
-        q = tl.load(
-            Q + map_tile_offsets(b, n, qrow, qcol, offs_d, sq_b, sq_n, sq_h, sq_w, sq_d), mask=q_mask, other=0.0
-        )
-        do = tl.load(
-            DO + map_tile_offsets(b, n, qrow, qcol, offs_d, sdo_b, sdo_n, sdo_h, sdo_w, sdo_d), mask=q_mask, other=0.0
-        )
+        q = map_load(Q, b, n, qrow, qcol, offs_d, sq_b, sq_n, sq_h, sq_w, sq_d, q_mask)
+        do = map_load(DO, b, n, qrow, qcol, offs_d, sdo_b, sdo_n, sdo_h, sdo_w, sdo_d, q_mask)
         stat_offs = pid_bh * H * W + qrow * W + qcol
         lse = tl.load(LSE + stat_offs, mask=q_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + stat_offs, mask=q_ok, other=0.0)
         qstart_h = window_start(qpos_h, len_h, KERNEL_H)
         qstart_w = window_start(qpos_w, len_w, KERNEL_W)
-        inside = (
-            window_contains(qstart_h[None, :], kpos_h[:, None], KERNEL_H)
-            & window_contains(qstart_w[None, :], kpos_w[:, None], KERNEL_W)
-            & k_ok[:, None]
-            & q_ok[None, :]
-        )  # (keys, queries)
+        inside = in_windows(qstart_h[None, :], qstart_w[None, :], kpos_h[:, None], kpos_w[:, None], KERNEL_H, KERNEL_W)
+        inside = inside & k_ok[:, None] & q_ok[None, :]  # (keys, queries)
         st = dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale_log2
         if HAS_RPB:
-            rel_h = kpos_h[:, None] - qpos_h[None, :] + KERNEL_H - 1
-            rel_w = kpos_w[:, None] - qpos_w[None, :] + KERNEL_W - 1
-            bias = tl.load(RPB + n * sr_n + rel_h * sr_h + rel_w * sr_w, mask=inside, other=0.0)
-            st += bias.to(tl.float32) * LOG2E
+            bias, _, _ = relative_bias(
+                RPB, n, sr_n, sr_h, sr_w, qpos_h[None, :], qpos_w[None, :], kpos_h[:, None], kpos_w[:, None], inside,
+                KERNEL_H, KERNEL_W,
+            )  # fmt: skip
+            st += bias * LOG2E
         pt = tl.where(inside, tl.exp2(st - lse[None, :]), 0.0)
         dv += dot(pt.to(do.dtype), do, PRECISION, UPCAST)
         dpt = dot(v, tl.trans(do), PRECISION, UPCAST)
@@ -203,20 +171,19 @@ def _na2d_backward_key_kernel(
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-def backward_config(dtype: torch.dtype, head_dim: int) -> dict[str, dict[str, int]]:
+def backward_config(dtype: torch.dtype, head_dim: int, kernel_size: tuple[int, int]) -> dict[str, dict[str, int]]:
     """Tiling constexprs and launch options of the two backward kernels, ``{"query": ..., "key": ...}`` (the query
-    kernel tiles queries, the key kernel keys, in ``TILE_H x TILE_W`` tiles of one dilation group), for inputs of
-    ``dtype``. A pure function: the launcher and the ahead-of-time check (``benchmarks/triton_aot.py``) both use it.
-    float32 gets the small tiles of :func:`.triton_forward.forward_config`; the key kernel walks 16 queries at a time
-    for heads wider than 32 (32-query blocks spill on sm_90)."""
-    block_d = block_size(head_dim)
+    kernel tiles queries, the key kernel keys, in the ``TILE_H x TILE_W`` tiles of one dilation group that
+    :func:`attnzoo.kernels.tiling.na2d_tile` gives the forward), for inputs of ``dtype``. A pure function: the launcher
+    and the ahead-of-time check (``benchmarks/triton_aot.py``) both use it. float32 walks 16 keys / queries at a time
+    (:func:`.triton_forward.forward_config`); 16-bit key kernels walk 16 queries at a time for heads wider than 32
+    (32-query blocks spill on sm_90)."""
+    forward = forward_config(dtype, head_dim, kernel_size)
+    tile = dict(TILE_H=forward["TILE_H"], TILE_W=forward["TILE_W"], BLOCK_D=forward["BLOCK_D"], num_stages=3)
     if dtype == torch.float32:
-        return {
-            "query": dict(TILE_H=4, TILE_W=8, BLOCK_K=16, BLOCK_D=block_d, num_warps=8, num_stages=3),
-            "key": dict(TILE_H=4, TILE_W=8, BLOCK_Q=16, BLOCK_D=block_d, num_warps=4, num_stages=3),
-        }
-    common = dict(TILE_H=8, TILE_W=8, BLOCK_D=block_d, num_warps=4, num_stages=3)
-    return {"query": dict(common, BLOCK_K=32), "key": dict(common, BLOCK_Q=32 if block_d <= 32 else 16)}
+        return {"query": dict(tile, BLOCK_K=16, num_warps=8), "key": dict(tile, BLOCK_Q=16, num_warps=4)}
+    walk = 32 if forward["BLOCK_D"] <= 32 else 16
+    return {"query": dict(tile, BLOCK_K=32, num_warps=4), "key": dict(tile, BLOCK_Q=walk, num_warps=4)}
 
 
 def _tiling(shape, kernel_size, dilation, config, scale):
@@ -249,7 +216,7 @@ def na2d_backward(
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    config = backward_config(q.dtype, D)
+    config = backward_config(q.dtype, D, kernel_size)
     has_rpb = rpb is not None
     rpb_grad = has_rpb and rpb_grad
     rpb_arg = rpb if has_rpb else q

@@ -12,8 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tiling import na2d_tile
 from ..triton_common import LN2, LOG2E, block_size, dot, dot_options, finite, launch
-from .triton_windows import key_span, map_tile_offsets, tile_origin, window_contains, window_start
+from .triton_windows import key_block, map_load, map_tile_offsets, query_tile, relative_bias
 
 
 @triton.jit
@@ -31,62 +32,41 @@ def _na2d_forward_kernel(
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    BLOCK_Q: tl.constexpr = TILE_H * TILE_W
     pid_tile = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads).to(tl.int64)
     n = pid_bh % heads
-
-    group_h, first_h, len_h = tile_origin(pid_tile // tiles_w, tiles_per_group_h, dil_h, padded_h, TILE_H)
-    group_w, first_w, len_w = tile_origin(pid_tile % tiles_w, tiles_per_group_w, dil_w, padded_w, TILE_W)
-    span_start_h, span_h = key_span(first_h, len_h, TILE_H, KERNEL_H)
-    span_start_w, span_w = key_span(first_w, len_w, TILE_W, KERNEL_W)
-
-    offs_q = tl.arange(0, BLOCK_Q)
-    qpos_h = first_h + offs_q // TILE_W  # group positions
-    qpos_w = first_w + offs_q % TILE_W
-    qrow = qpos_h * dil_h + group_h  # map positions
-    qcol = qpos_w * dil_w + group_w
-    q_ok = (qrow < H) & (qcol < W)
-    qstart_h = window_start(qpos_h, len_h, KERNEL_H)
-    qstart_w = window_start(qpos_w, len_w, KERNEL_W)
+    (
+        group_h, group_w, span_start_h, span_h, span_start_w, span_w,
+        qpos_h, qpos_w, qrow, qcol, q_ok, qstart_h, qstart_w,
+    ) = query_tile(
+        pid_tile, tiles_w, tiles_per_group_h, tiles_per_group_w, dil_h, dil_w, padded_h, padded_w, H, W,
+        TILE_H, TILE_W, KERNEL_H, KERNEL_W,
+    )  # fmt: skip
 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q_ptrs = Q + map_tile_offsets(b, n, qrow, qcol, offs_d, sq_b, sq_n, sq_h, sq_w, sq_d)
-    q = tl.load(q_ptrs, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+    q = map_load(Q, b, n, qrow, qcol, offs_d, sq_b, sq_n, sq_h, sq_w, sq_d, q_ok[:, None] & d_ok[None, :])
     q_finite = tl.min(finite(q).to(tl.int32), axis=1) > 0
 
-    m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_Q], tl.float32)
-    acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-    num_keys = span_h * span_w
-    for block_start in range(0, num_keys, BLOCK_K):
-        offs_k = block_start + tl.arange(0, BLOCK_K)
-        kpos_h = span_start_h + offs_k // span_w
-        kpos_w = span_start_w + offs_k % span_w
-        krow = kpos_h * dil_h + group_h
-        kcol = kpos_w * dil_w + group_w
-        k_ok = (offs_k < num_keys) & (krow < H) & (kcol < W)
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(
-            K + map_tile_offsets(b, n, krow, kcol, offs_d, sk_b, sk_n, sk_h, sk_w, sk_d), mask=kv_mask, other=0.0
-        )
-        v = tl.load(
-            V + map_tile_offsets(b, n, krow, kcol, offs_d, sv_b, sv_n, sv_h, sv_w, sv_d), mask=kv_mask, other=0.0
-        )
-        inside = (
-            window_contains(qstart_h[:, None], kpos_h[None, :], KERNEL_H)
-            & window_contains(qstart_w[:, None], kpos_w[None, :], KERNEL_W)
-            & k_ok[None, :]
-        )
+    m_i = tl.full([TILE_H * TILE_W], float("-inf"), tl.float32)
+    l_i = tl.zeros([TILE_H * TILE_W], tl.float32)
+    acc = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
+    for block_start in range(0, span_h * span_w, BLOCK_K):
+        kpos_h, kpos_w, k, v, k_ok, inside = key_block(
+            K, V, b, n, block_start, span_start_h, span_start_w, span_h, span_w, group_h, group_w, dil_h, dil_w,
+            H, W, offs_d, d_ok, qstart_h, qstart_w,
+            sk_b, sk_h, sk_w, sk_n, sk_d, sv_b, sv_h, sv_w, sv_n, sv_d,
+            BLOCK_K, KERNEL_H, KERNEL_W,
+        )  # fmt: skip
         s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale_log2  # log2 units
         s = tl.where(tl.min(finite(k).to(tl.int32), axis=1)[None, :] > 0, s, float("nan"))
         if HAS_RPB:
-            rel_h = kpos_h[None, :] - qpos_h[:, None] + KERNEL_H - 1
-            rel_w = kpos_w[None, :] - qpos_w[:, None] + KERNEL_W - 1
-            bias = tl.load(RPB + n * sr_n + rel_h * sr_h + rel_w * sr_w, mask=inside, other=0.0)
-            s += bias.to(tl.float32) * LOG2E
+            bias, _, _ = relative_bias(
+                RPB, n, sr_n, sr_h, sr_w, qpos_h[:, None], qpos_w[:, None], kpos_h[None, :], kpos_w[None, :], inside,
+                KERNEL_H, KERNEL_W,
+            )  # fmt: skip
+            s += bias * LOG2E
         s = tl.where(inside, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet (padding rows) stay at 0
@@ -109,16 +89,18 @@ def _na2d_forward_kernel(
     tl.store(LSE + pid_bh * H * W + qrow * W + qcol, lse, mask=q_ok)
 
 
-def forward_config(dtype: torch.dtype, head_dim: int) -> dict[str, int]:
+def forward_config(dtype: torch.dtype, head_dim: int, kernel_size: tuple[int, int]) -> dict[str, int]:
     """Tiling constexprs (``TILE_H, TILE_W, BLOCK_K, BLOCK_D``) and launch options (``num_warps, num_stages``) of the
     forward kernel for inputs of ``dtype``. A pure function: the launcher and the ahead-of-time check
-    (``benchmarks/triton_aot.py``) both use it.
+    (``benchmarks/triton_aot.py``) both use it; the tile is :func:`attnzoo.kernels.tiling.na2d_tile`'s.
 
-    float32 operands (exact products on FMA units, or TF32 ones) take far more registers than 16-bit ones: 8 x 8
-    tiles with 32-key blocks spill there on sm_80 / sm_90; 4 x 8 tiles with 16-key blocks over 8 warps do not."""
+    float32 operands (exact products on FMA units, or TF32 ones) take far more registers than 16-bit ones: their 4 x 8
+    tiles walk 16-key blocks over 8 warps (32-key blocks spill on sm_80 / sm_90)."""
+    tile_h, tile_w = na2d_tile(kernel_size, dtype, "triton")
+    common = dict(TILE_H=tile_h, TILE_W=tile_w, BLOCK_D=block_size(head_dim), num_stages=3)
     if dtype == torch.float32:
-        return dict(TILE_H=4, TILE_W=8, BLOCK_K=16, BLOCK_D=block_size(head_dim), num_warps=8, num_stages=3)
-    return dict(TILE_H=8, TILE_W=8, BLOCK_K=32, BLOCK_D=block_size(head_dim), num_warps=4, num_stages=3)
+        return dict(common, BLOCK_K=16, num_warps=8)
+    return dict(common, BLOCK_K=32, num_warps=4)
 
 
 def launch_config(H: int, W: int, kernel_size: tuple[int, int], dilation: tuple[int, int], tile: tuple[int, int]):
@@ -145,7 +127,7 @@ def na2d_forward(
     B, H, W, heads, D = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, heads, H, W), dtype=torch.float32, device=q.device)
-    config = forward_config(q.dtype, D)
+    config = forward_config(q.dtype, D, kernel_size)
     tile = (config["TILE_H"], config["TILE_W"])
     (padded_h, tpg_h, tiles_h), (padded_w, tpg_w, tiles_w) = launch_config(H, W, kernel_size, dilation, tile)
     rpb_arg = rpb if rpb is not None else q

@@ -1,8 +1,11 @@
-"""Pure-PyTorch bi-level routing attention: the gather formulation (oracle, CPU path, TorchScript path).
+"""Pure-PyTorch bi-level routing attention as batched products over gathered regions (oracle, CPU path, the traced
+path of ``torch.export`` / ONNX, TorchScript).
 
-Only the routed key/value regions are gathered, once each, straight into the head-major layout the attention reads
-(one copy of ``topk`` regions per query region, as the official code); queries are viewed, not copied, and the token
-attention runs through ``F.scaled_dot_product_attention`` (differentiable, memory-efficient on CPU).
+Queries, keys and values are copied once into a heads-outermost region-major layout, ``(heads, B * S*S, T, D)`` (keys
+and values side by side, so one gather serves both); the routed key/value regions of every query region are then
+gathered in one ``index_select`` of whole regions (``topk`` region copies per query region, shared by its ``T``
+queries: no per-query copies), and the token attention of all query regions runs as one batched
+``F.scaled_dot_product_attention`` (fused on CPU, differentiable) with the regions as its batch.
 All functions are TorchScript-compatible; argument checking lives in :mod:`attnzoo.kernels.routing.api`.
 
 Masked padding (``bra2d(..., padding="mask")``): the tokens added to reach a multiple of ``n_win`` are excluded —
@@ -70,6 +73,84 @@ def route_means(
     return torch.topk(affinity, topk, dim=-1).indices
 
 
+def _heads_outer(x: torch.Tensor) -> torch.Tensor:
+    """Region-major ``(B, R, T, heads, D)`` -> contiguous ``(heads, B * R, T, D)``."""
+    B, R, T, heads, D = x.shape
+    return x.permute(3, 0, 1, 2, 4).reshape(heads, B * R, T, D)
+
+
+def _map_heads_outer(x: torch.Tensor, n_win: int) -> torch.Tensor:
+    """A ``(B, H, W, heads, D)`` map (sides multiples of ``n_win``) -> contiguous region-major ``(heads, B * S*S,
+    (H/S) * (W/S), D)``."""
+    B, H, W, heads, D = x.shape
+    x = x.reshape(B, n_win, H // n_win, n_win, W // n_win, heads, D).permute(5, 0, 1, 3, 2, 4, 6)
+    return x.reshape(heads, B * n_win * n_win, (H // n_win) * (W // n_win), D)
+
+
+def _region_means_heads_outer(
+    x: torch.Tensor, batch: int, regions: int, key_valid: torch.Tensor | None
+) -> torch.Tensor:
+    """:func:`region_means` of a heads-outer ``(heads, B * R, T, D)`` tensor: ``(B, R, heads * D)``, at least float32;
+    with ``key_valid`` ``(R, T)`` the mean of each region's valid tokens (zeros without any)."""
+    heads, BR, T, D = x.shape
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    if key_valid is None:
+        means = x.mean(2)
+    else:
+        weight = key_valid.to(x.dtype).repeat(batch, 1)  # (B * R, T)
+        means = (x * weight[:, :, None]).sum(2) / weight.sum(1, keepdim=True).clamp(min=1)
+    return means.permute(1, 0, 2).reshape(batch, regions, heads * D)
+
+
+def _attend_regions(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: torch.Tensor,
+    scale: float,
+    key_valid: torch.Tensor | None,
+    nonfinite: bool,
+) -> torch.Tensor:
+    """Token attention over routed regions in the heads-outer layout: ``q, k (heads, B * R, T, D)``, ``v (heads, B *
+    R, T, Dv)``, ``index (B, R, topk)``, ``key_valid`` optional ``(R, T)`` bool (keys that take part). Returns
+    ``(heads, B * R, T, Dv)``; with ``nonfinite`` (the inputs may hold NaN), NaN inputs reach exactly the outputs that
+    attend to them."""
+    heads, BR, T, _ = q.shape
+    B, R, topk = index.shape
+    flat = (index + torch.arange(B, device=index.device).view(B, 1, 1) * R).flatten()
+    # the gathers of whole routed regions, shared by the T queries of a region
+    k_routed = k.index_select(1, flat).view(heads, BR, topk * T, k.shape[-1])
+    v_routed = v.index_select(1, flat).view(heads, BR, topk * T, v.shape[-1])
+    mask: torch.Tensor | None = None
+    if key_valid is not None:
+        mask = key_valid[index].reshape(1, BR, 1, topk * T)
+    records_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if records_grad:  # explicit products: autograd's bmm / softmax backward beat the fused CPU backward here
+        logits = torch.matmul(q * scale, k_routed.transpose(-1, -2))
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(logits.float(), -1).to(v.dtype) if q.dtype != torch.float64 else logits.softmax(-1)
+        out = torch.matmul(probs, v_routed)
+    else:
+        out = F.scaled_dot_product_attention(q, k_routed, v_routed, attn_mask=mask, scale=scale)
+    if nonfinite:
+        out = out.masked_fill(_nan_reach(q, k, v, flat, topk), float("nan"))
+    return out
+
+
+def _nan_reach(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flat_index: torch.Tensor, topk: int) -> torch.Tensor:
+    """``(heads, B * R, T, Dv)`` bool, the outputs NaN inputs reach (whatever SDPA does with them): a NaN query entry
+    its token's row, a NaN key entry every row of the query regions routed to its region, a NaN value entry
+    ``v[..., d]`` channel ``d`` of those rows."""
+    heads, BR, T, _ = q.shape
+    key_nan = torch.isnan(k).any(3).any(2, keepdim=True)  # (heads, B * R, 1): per region
+    value_nan = torch.isnan(v).any(2)  # (heads, B * R, Dv)
+    routed = torch.cat((key_nan, value_nan), -1).index_select(1, flat_index)
+    routed = routed.view(heads, BR, topk, v.shape[-1] + 1).any(2)  # (heads, B * R, 1 + Dv)
+    rows = torch.isnan(q).any(-1, keepdim=True) | routed[:, :, None, :1]  # (heads, B * R, T, 1)
+    return rows | routed[:, :, None, 1:]
+
+
 def routed_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -82,38 +163,13 @@ def routed_attention_reference(
 
     ``q, k``: ``(B, R, T, heads, D)``; ``v``: ``(B, R, T, heads, Dv)``; ``index``: ``(B, R, topk)``; ``key_valid``:
     optional ``(R, T)`` bool, keys that take part (the others are left out of every softmax).
-    Returns ``(B, R, T, heads, Dv)`` (a transposed view of a contiguous ``(B, R, heads, T, Dv)`` tensor).
+    Returns ``(B, R, T, heads, Dv)`` (a permuted view of a contiguous ``(heads, B, R, T, Dv)`` tensor).
     """
     B, R, T, heads, D = q.shape
-    Dv = v.shape[-1]
-    topk = index.shape[-1]
-    batch = torch.arange(B, device=q.device).view(B, 1, 1, 1)
-    head = torch.arange(heads, device=q.device).view(1, 1, heads, 1)
-    regions = index.view(B, R, 1, topk)
-    # (B, heads, R, T, D)[batch, head, regions] -> (B, R, heads, topk, T, D): the one gather copy
-    k_sel = k.permute(0, 3, 1, 2, 4)[batch, head, regions].reshape(B * R, heads, topk * T, D)
-    v_sel = v.permute(0, 3, 1, 2, 4)[batch, head, regions].reshape(B * R, heads, topk * T, Dv)
-    q_heads = q.transpose(2, 3).reshape(B * R, heads, T, D)
-    mask: torch.Tensor | None = None
-    if key_valid is not None:
-        mask = key_valid[index].reshape(B * R, 1, 1, topk * T)
-    out = F.scaled_dot_product_attention(q_heads, k_sel, v_sel, attn_mask=mask, scale=scale)
-    out = out.view(B, R, heads, T, Dv).transpose(2, 3)
-    if may_hold_nonfinite([q, k, v]):
-        out = out.masked_fill(_nan_reach(q, k, v, index), float("nan"))
-    return out
-
-
-def _nan_reach(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``(B, R, T, heads, Dv)`` bool, the outputs NaN inputs reach (whatever SDPA does with them): a NaN query entry
-    its token's row, a NaN key entry every row of the query regions routed to its region, a NaN value entry
-    ``v[..., d]`` channel ``d`` of those rows."""
-    B, R, topk = index.shape
-    batch = torch.arange(B, device=q.device).view(B, 1, 1)
-    key_nan = torch.isnan(k).any(4).any(2)[batch, index].any(2)  # (B, R, heads)
-    value_nan = torch.isnan(v).any(2)[batch, index].any(2)  # (B, R, heads, Dv)
-    rows = torch.isnan(q).any(4, keepdim=True) | key_nan[:, :, None, :, None]  # (B, R, T, heads, 1)
-    return rows | value_nan[:, :, None]
+    q_ho, k_ho, v_ho = _heads_outer(q), _heads_outer(k), _heads_outer(v)
+    nonfinite = may_hold_nonfinite([q_ho, k_ho, v_ho])
+    out = _attend_regions(q_ho, k_ho, v_ho, index, scale, key_valid, nonfinite)
+    return out.view(heads, B, R, T, v.shape[-1]).permute(1, 2, 3, 0, 4)
 
 
 def map_to_regions(x: torch.Tensor, n_win: int) -> torch.Tensor:
@@ -149,23 +205,29 @@ def bra2d_reference(
 
     Sides are zero-padded to multiples of ``n_win`` (:func:`pad_map`); the padded tokens take part in routing and
     attention unless ``mask_padding`` (then they are excluded, see the module docstring). Returns the output
-    ``(B, H, W, heads, Dv)`` and the routing index ``(B, S*S, topk)``.
+    ``(B, H, W, heads, Dv)`` (contiguous) and the routing index ``(B, S*S, topk)``.
     """
     H, W = q.shape[1], q.shape[2]
     q, k, v = pad_map(q, n_win), pad_map(k, n_win), pad_map(v, n_win)
-    Hp, Wp = q.shape[1], q.shape[2]
-    valid: torch.Tensor | None = None
+    B, Hp, Wp, heads, D = q.shape
     key_valid: torch.Tensor | None = None
     # while torch.compile traces, padding (maybe by zero) is assumed, so one graph serves every map size
     padded = torch.compiler.is_compiling() or Hp != H or Wp != W
     if mask_padding and padded:
         valid = valid_tokens(H, W, n_win, q.device)
         key_valid = map_to_regions(valid[None, :, :, None, None], n_win).reshape(n_win * n_win, -1)
-    index = route_map(q, k, n_win, topk, valid)
-    out = routed_attention_reference(
-        map_to_regions(q, n_win), map_to_regions(k, n_win), map_to_regions(v, n_win), index, scale, key_valid
-    )
-    out = regions_to_map(out, n_win, Hp, Wp)
+    q_ho, k_ho, v_ho = _map_heads_outer(q, n_win), _map_heads_outer(k, n_win), _map_heads_outer(v, n_win)
+    # region means from the region-major copies (fast, contiguous); the routing of route_map
+    q_means = _region_means_heads_outer(q_ho, B, n_win * n_win, key_valid)
+    k_means = _region_means_heads_outer(k_ho, B, n_win * n_win, key_valid)
+    k_empty = None if key_valid is None else ~key_valid.any(1)
+    index = route_means(q_means, k_means, topk, k_empty)
+    # non-finite q or k entries make their region means non-finite: only v needs its own check
+    nonfinite = may_hold_nonfinite([q_means, k_means, v_ho])
+    out = _attend_regions(q_ho, k_ho, v_ho, index, scale, key_valid, nonfinite)
+    rh, rw = Hp // n_win, Wp // n_win
+    d_v = v.shape[-1]
+    out = out.view(heads, B, n_win, n_win, rh, rw, d_v).permute(1, 2, 4, 3, 5, 0, 6).reshape(B, Hp, Wp, heads, d_v)
     if padded:
         out = out[:, :H, :W]
     return out, index

@@ -20,7 +20,8 @@ import triton.language as tl
 
 from ..triton_common import LOG2E, dot, dot_options, launch
 from .layout import region_shape, token_strides
-from .triton_forward import forward_config, mask_args, token_in_map, token_offsets
+from .triton_forward import forward_config, mask_args
+from .triton_tokens import load_tokens, program_block, routed_keys, store_tokens, token_in_map
 
 
 def invert_routing_index(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,27 +58,14 @@ def _routed_attention_backward_query_kernel(
     UPCAST: tl.constexpr,
     MASK_PAD: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    r = tl.program_id(1)
-    bh = tl.program_id(2)
-    b = (bh // HEADS).to(tl.int64)
-    h = bh % HEADS
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < T
-    offs_dqk = tl.arange(0, BLOCK_DQK)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dqk_valid = offs_dqk < D_QK
-    dv_valid = offs_dv < D_V
+    r, b, h, offs_m, m_valid, offs_dqk, dqk_valid, offs_dv, dv_valid = program_block(
+        HEADS, T, D_QK, D_V, BLOCK_M, BLOCK_DQK, BLOCK_DV
+    )
     qmask = m_valid[:, None] & dqk_valid[None, :]
     omask = m_valid[:, None] & dv_valid[None, :]
-
-    q_rows = token_offsets(r, offs_m, S, RW, sq_ry, sq_rx, sq_ty, sq_tx)
-    q = tl.load(Q + b * sq_b + h * sq_h + q_rows[:, None] + offs_dqk[None, :] * sq_d, mask=qmask, other=0.0)
-    o_rows = token_offsets(r, offs_m, S, RW, so_ry, so_rx, so_ty, so_tx)
-    o = tl.load(Out + b * so_b + h * so_h + o_rows[:, None] + offs_dv[None, :] * so_d, mask=omask, other=0.0)
-    do_rows = token_offsets(r, offs_m, S, RW, sdo_ry, sdo_rx, sdo_ty, sdo_tx)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + do_rows[:, None] + offs_dv[None, :] * sdo_d, mask=omask, other=0.0)
+    q = load_tokens(Q, b, h, r, offs_m, offs_dqk, qmask, S, RW, sq_b, sq_ry, sq_rx, sq_ty, sq_tx, sq_h, sq_d)
+    o = load_tokens(Out, b, h, r, offs_m, offs_dv, omask, S, RW, so_b, so_ry, so_rx, so_ty, so_tx, so_h, so_d)
+    do = load_tokens(DO, b, h, r, offs_m, offs_dv, omask, S, RW, sdo_b, sdo_ry, sdo_rx, sdo_ty, sdo_tx, sdo_h, sdo_d)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     stat = ((b * HEADS + h) * R + r) * T + offs_m  # (B, heads, R, T) contiguous
     tl.store(DELTA + stat, delta, mask=m_valid)
@@ -87,36 +75,25 @@ def _routed_attention_backward_query_kernel(
     n_keys = TOPK * T
     index_row = INDEX + b * si_b + r * si_r
     for start in range(0, n_keys, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < n_keys
-        region = tl.load(index_row + offs_n // T, mask=n_valid, other=0)
-        t = offs_n % T
-        key_ok = n_valid
-        if MASK_PAD:
-            key_ok = key_ok & token_in_map(region, t, S, RW, T // RW, H_VALID, W_VALID)
-        k_rows = token_offsets(region, t, S, RW, sk_ry, sk_rx, sk_ty, sk_tx)
-        k = tl.load(
-            K + b * sk_b + h * sk_h + k_rows[:, None] + offs_dqk[None, :] * sk_d,
-            mask=n_valid[:, None] & dqk_valid[None, :],
-            other=0.0,
+        region, t, n_valid, key_ok = routed_keys(
+            index_row, start, n_keys, T, S, RW, H_VALID, W_VALID, BLOCK_N, MASK_PAD
         )
-        v_rows = token_offsets(region, t, S, RW, sv_ry, sv_rx, sv_ty, sv_tx)
-        v = tl.load(
-            V + b * sv_b + h * sv_h + v_rows[:, None] + offs_dv[None, :] * sv_d,
-            mask=n_valid[:, None] & dv_valid[None, :],
-            other=0.0,
-        )
+        k = load_tokens(
+            K, b, h, region, t, offs_dqk, n_valid[:, None] & dqk_valid[None, :],
+            S, RW, sk_b, sk_ry, sk_rx, sk_ty, sk_tx, sk_h, sk_d,
+        )  # fmt: skip
+        v = load_tokens(
+            V, b, h, region, t, offs_dv, n_valid[:, None] & dv_valid[None, :],
+            S, RW, sv_b, sv_ry, sv_rx, sv_ty, sv_tx, sv_h, sv_d,
+        )  # fmt: skip
         s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale_log2
         p = tl.where(key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = dot(do, tl.trans(v), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
         dq += dot(ds.to(k.dtype), k, PRECISION, UPCAST)
 
-    dq_rows = token_offsets(r, offs_m, S, RW, sdq_ry, sdq_rx, sdq_ty, sdq_tx)
-    tl.store(
-        DQ + b * sdq_b + h * sdq_h + dq_rows[:, None] + offs_dqk[None, :] * sdq_d,
-        (dq * scale).to(DQ.dtype.element_ty),
-        mask=qmask,
+    store_tokens(
+        DQ, dq * scale, b, h, r, offs_m, offs_dqk, qmask, S, RW, sdq_b, sdq_ry, sdq_rx, sdq_ty, sdq_tx, sdq_h, sdq_d
     )
 
 
@@ -136,28 +113,16 @@ def _routed_attention_backward_key_kernel(
     UPCAST: tl.constexpr,
     MASK_PAD: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    kr = tl.program_id(1)
-    bh = tl.program_id(2)
-    b = (bh // HEADS).to(tl.int64)
-    h = bh % HEADS
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_valid = offs_n < T
-    offs_dqk = tl.arange(0, BLOCK_DQK)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dqk_valid = offs_dqk < D_QK
-    dv_valid = offs_dv < D_V
+    kr, b, h, offs_n, n_valid, offs_dqk, dqk_valid, offs_dv, dv_valid = program_block(
+        HEADS, T, D_QK, D_V, BLOCK_N, BLOCK_DQK, BLOCK_DV
+    )
     kmask = n_valid[:, None] & dqk_valid[None, :]
     vmask = n_valid[:, None] & dv_valid[None, :]
     key_ok = n_valid
     if MASK_PAD:
         key_ok = key_ok & token_in_map(kr, offs_n, S, RW, T // RW, H_VALID, W_VALID)
-
-    k_rows = token_offsets(kr, offs_n, S, RW, sk_ry, sk_rx, sk_ty, sk_tx)
-    k = tl.load(K + b * sk_b + h * sk_h + k_rows[:, None] + offs_dqk[None, :] * sk_d, mask=kmask, other=0.0)
-    v_rows = token_offsets(kr, offs_n, S, RW, sv_ry, sv_rx, sv_ty, sv_tx)
-    v = tl.load(V + b * sv_b + h * sv_h + v_rows[:, None] + offs_dv[None, :] * sv_d, mask=vmask, other=0.0)
+    k = load_tokens(K, b, h, kr, offs_n, offs_dqk, kmask, S, RW, sk_b, sk_ry, sk_rx, sk_ty, sk_tx, sk_h, sk_d)
+    v = load_tokens(V, b, h, kr, offs_n, offs_dv, vmask, S, RW, sv_b, sv_ry, sv_rx, sv_ty, sv_tx, sv_h, sv_d)
 
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -170,18 +135,14 @@ def _routed_attention_backward_key_kernel(
         m_valid = offs_m < last * T
         qr = tl.load(queries_row + offs_m // T, mask=m_valid, other=0)
         t = offs_m % T
-        q_rows = token_offsets(qr, t, S, RW, sq_ry, sq_rx, sq_ty, sq_tx)
-        q = tl.load(
-            Q + b * sq_b + h * sq_h + q_rows[:, None] + offs_dqk[None, :] * sq_d,
-            mask=m_valid[:, None] & dqk_valid[None, :],
-            other=0.0,
-        )
-        do_rows = token_offsets(qr, t, S, RW, sdo_ry, sdo_rx, sdo_ty, sdo_tx)
-        do = tl.load(
-            DO + b * sdo_b + h * sdo_h + do_rows[:, None] + offs_dv[None, :] * sdo_d,
-            mask=m_valid[:, None] & dv_valid[None, :],
-            other=0.0,
-        )
+        q = load_tokens(
+            Q, b, h, qr, t, offs_dqk, m_valid[:, None] & dqk_valid[None, :],
+            S, RW, sq_b, sq_ry, sq_rx, sq_ty, sq_tx, sq_h, sq_d,
+        )  # fmt: skip
+        do = load_tokens(
+            DO, b, h, qr, t, offs_dv, m_valid[:, None] & dv_valid[None, :],
+            S, RW, sdo_b, sdo_ry, sdo_rx, sdo_ty, sdo_tx, sdo_h, sdo_d,
+        )  # fmt: skip
         stat = stats_row + qr * T + t
         lse = tl.load(LSE + stat, mask=m_valid, other=0.0)
         delta = tl.load(DELTA + stat, mask=m_valid, other=0.0)
@@ -194,18 +155,10 @@ def _routed_attention_backward_key_kernel(
         ds_t = p_t * (dp_t - delta[None, :])
         dk += dot(ds_t.to(q.dtype), q, PRECISION, UPCAST)
 
-    dk_rows = token_offsets(kr, offs_n, S, RW, sdk_ry, sdk_rx, sdk_ty, sdk_tx)
-    tl.store(
-        DK + b * sdk_b + h * sdk_h + dk_rows[:, None] + offs_dqk[None, :] * sdk_d,
-        (dk * scale).to(DK.dtype.element_ty),
-        mask=kmask,
+    store_tokens(
+        DK, dk * scale, b, h, kr, offs_n, offs_dqk, kmask, S, RW, sdk_b, sdk_ry, sdk_rx, sdk_ty, sdk_tx, sdk_h, sdk_d
     )
-    dv_rows = token_offsets(kr, offs_n, S, RW, sdv_ry, sdv_rx, sdv_ty, sdv_tx)
-    tl.store(
-        DV + b * sdv_b + h * sdv_h + dv_rows[:, None] + offs_dv[None, :] * sdv_d,
-        dv.to(DV.dtype.element_ty),
-        mask=vmask,
-    )
+    store_tokens(DV, dv, b, h, kr, offs_n, offs_dv, vmask, S, RW, sdv_b, sdv_ry, sdv_rx, sdv_ty, sdv_tx, sdv_h, sdv_d)
 
 
 def backward_config(dtype: torch.dtype, tokens: int, keys: int, d_qk: int, d_v: int) -> dict[str, dict[str, int]]:

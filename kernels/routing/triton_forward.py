@@ -16,21 +16,7 @@ import triton.language as tl
 
 from ..triton_common import LOG2E, block_size, dot, dot_options, launch
 from .layout import region_shape, token_strides
-
-
-@triton.jit
-def token_offsets(region, t, S, RW, s_ry, s_rx, s_ty, s_tx):
-    """Element offset of token ``t`` of region ``region`` (tensors of equal shape)."""
-    return (region // S) * s_ry + (region % S) * s_rx + (t // RW) * s_ty + (t % RW) * s_tx
-
-
-@triton.jit
-def token_in_map(region, t, S, RW, RH, H_VALID, W_VALID):
-    """Whether token ``t`` of region ``region`` (``"map"`` layout, regions of ``RH x RW`` tokens) lies at a row
-    ``< H_VALID`` and a column ``< W_VALID`` of the map."""
-    row = (region // S) * RH + t // RW
-    col = (region % S) * RW + t % RW
-    return (row < H_VALID) & (col < W_VALID)
+from .triton_tokens import load_tokens, program_block, routed_keys, store_tokens
 
 
 @triton.jit
@@ -48,25 +34,13 @@ def _routed_attention_forward_kernel(
     UPCAST: tl.constexpr,
     MASK_PAD: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    r = tl.program_id(1)
-    bh = tl.program_id(2)
-    b = (bh // HEADS).to(tl.int64)
-    h = bh % HEADS
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < T
-    offs_dqk = tl.arange(0, BLOCK_DQK)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dqk_valid = offs_dqk < D_QK
-    dv_valid = offs_dv < D_V
-
-    q_rows = token_offsets(r, offs_m, S, RW, sq_ry, sq_rx, sq_ty, sq_tx)
-    q = tl.load(
-        Q + b * sq_b + h * sq_h + q_rows[:, None] + offs_dqk[None, :] * sq_d,
-        mask=m_valid[:, None] & dqk_valid[None, :],
-        other=0.0,
+    r, b, h, offs_m, m_valid, offs_dqk, dqk_valid, offs_dv, dv_valid = program_block(
+        HEADS, T, D_QK, D_V, BLOCK_M, BLOCK_DQK, BLOCK_DV
     )
+    q = load_tokens(
+        Q, b, h, r, offs_m, offs_dqk, m_valid[:, None] & dqk_valid[None, :],
+        S, RW, sq_b, sq_ry, sq_rx, sq_ty, sq_tx, sq_h, sq_d,
+    )  # fmt: skip
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -74,19 +48,13 @@ def _routed_attention_forward_kernel(
     n_keys = TOPK * T
     index_row = INDEX + b * si_b + r * si_r
     for start in range(0, n_keys, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < n_keys
-        region = tl.load(index_row + offs_n // T, mask=n_valid, other=0)
-        t = offs_n % T
-        key_ok = n_valid
-        if MASK_PAD:
-            key_ok = key_ok & token_in_map(region, t, S, RW, T // RW, H_VALID, W_VALID)
-        k_rows = token_offsets(region, t, S, RW, sk_ry, sk_rx, sk_ty, sk_tx)
-        k = tl.load(
-            K + b * sk_b + h * sk_h + k_rows[:, None] + offs_dqk[None, :] * sk_d,
-            mask=n_valid[:, None] & dqk_valid[None, :],
-            other=0.0,
+        region, t, n_valid, key_ok = routed_keys(
+            index_row, start, n_keys, T, S, RW, H_VALID, W_VALID, BLOCK_N, MASK_PAD
         )
+        k = load_tokens(
+            K, b, h, region, t, offs_dqk, n_valid[:, None] & dqk_valid[None, :],
+            S, RW, sk_b, sk_ry, sk_rx, sk_ty, sk_tx, sk_h, sk_d,
+        )  # fmt: skip
         s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale_log2
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -96,22 +64,17 @@ def _routed_attention_forward_kernel(
         p = tl.exp2(s - m_ref[:, None])
         alpha = tl.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_rows = token_offsets(region, t, S, RW, sv_ry, sv_rx, sv_ty, sv_tx)
-        v = tl.load(
-            V + b * sv_b + h * sv_h + v_rows[:, None] + offs_dv[None, :] * sv_d,
-            mask=n_valid[:, None] & dv_valid[None, :],
-            other=0.0,
-        )
+        v = load_tokens(
+            V, b, h, region, t, offs_dv, n_valid[:, None] & dv_valid[None, :],
+            S, RW, sv_b, sv_ry, sv_rx, sv_ty, sv_tx, sv_h, sv_d,
+        )  # fmt: skip
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
 
-    acc = acc / l_i[:, None]
-    o_rows = token_offsets(r, offs_m, S, RW, so_ry, so_rx, so_ty, so_tx)
-    tl.store(
-        Out + b * so_b + h * so_h + o_rows[:, None] + offs_dv[None, :] * so_d,
-        acc.to(Out.dtype.element_ty),
-        mask=m_valid[:, None] & dv_valid[None, :],
-    )
+    store_tokens(
+        Out, acc / l_i[:, None], b, h, r, offs_m, offs_dv, m_valid[:, None] & dv_valid[None, :],
+        S, RW, so_b, so_ry, so_rx, so_ty, so_tx, so_h, so_d,
+    )  # fmt: skip
     # LSE: contiguous (B, heads, R, T)
     tl.store(LSE + ((b * HEADS + h) * R + r) * T + offs_m, m_i + tl.log2(l_i), mask=m_valid)
 
