@@ -1,6 +1,6 @@
 """RMT / PPMA models: parameter counts and MACs of the official models, official checkpoints (key layout of
 RMT:classfication_release/RMT.py and PPMA:classification/models/PPMA.py) through ``pretrained_cfg_overlay`` and
-``attnzoo convert``, odd input sizes, and the detection backbone."""
+``attnzoo convert``, odd input sizes, the detection backbone and the released UperNet checkpoints' layout."""
 
 import argparse
 import math
@@ -9,13 +9,18 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+import yaml
 
 import attnzoo  # noqa: F401
 from attnzoo.cli import main
 from attnzoo.kernels.flops import count_macs
+from attnzoo.recipes.cli import CONFIG_DIR
 from attnzoo.recipes.detection.backbones import build_backbone
+from attnzoo.recipes.segmentation import SemanticSegmenter
 from attnzoo.rmt import checkpoint_filter_fn
 from attnzoo.weights.downstream import convert_backbone_state
+from attnzoo.weights.io import load_state_dict_file
+from attnzoo.weights.mmseg import map_state_dict
 
 # n_parameters of the official training logs (RMT:RMT_log/rmt_{t,s,m,l}.txt, PPMA:training_logs/classification/)
 PARAMS = {
@@ -212,3 +217,39 @@ def test_ppma_downstream_backbone_output_norms_and_official_layout():
     torch.testing.assert_close(normed.model.out_norms[2].bias, backbone["outnorm2.bias"])
     with pytest.raises(ValueError, match="out_norms=True"):
         convert_backbone_state("ppma_tiny", backbone, plain)
+
+
+@torch.no_grad()
+def test_official_ppma_upernet_checkpoint_converts_to_identical_logits(tmp_path):
+    """A released PPMA UperNet checkpoint (mmseg layout: PPMA:segmentation/ppma.py's backbone, i.e. the classification
+    keys less ``head`` / ``norm`` / ``proj`` plus ``outnorm0..3``, and mmseg's head names) converts key for key for the
+    shipped ``upernet_ppma_tiny_160k`` config and gives the logits of the same tensors loaded by hand."""
+    config = yaml.safe_load((CONFIG_DIR / "ade20k" / "upernet_ppma_tiny_160k.yaml").read_text())["model"]
+    config = {**config, "pretrained_backbone": False}
+    torch.manual_seed(0)
+    reference = SemanticSegmenter(**config).eval()
+    g = torch.Generator().manual_seed(1)
+    backbone = {
+        k: v for k, v in _official_state_dict("ppma_tiny").items() if not k.startswith(("head.", "norm.", "proj."))
+    }
+    for i, width in enumerate((64, 128, 256, 512)):
+        backbone[f"outnorm{i}.weight"] = torch.rand(width, generator=g) + 0.5
+        backbone[f"outnorm{i}.bias"] = torch.randn(width, generator=g)
+    state = {f"backbone.{k}": v for k, v in backbone.items()}
+    for name, tensor in reference.model.state_dict().items():
+        if name.startswith(("decode_head.", "auxiliary_head.")) and tensor.is_floating_point():
+            state[name] = torch.rand(tensor.shape, generator=g) + (0.5 if "running_var" in name else -0.5)
+        elif name.startswith(("decode_head.", "auxiliary_head.")):
+            state[name] = tensor
+    torch.save({"meta": {}, "state_dict": state}, tmp_path / "iter_160000.pth")
+    converted = SemanticSegmenter(**config).eval()
+    converted.load_state_dict(map_state_dict(converted, load_state_dict_file(tmp_path / "iter_160000.pth")))
+    body = reference.model.backbone.body.model  # by hand: the family's filter, the head names as they are
+    body.load_state_dict(checkpoint_filter_fn(backbone, body), strict=True)
+    for head in ("decode_head", "auxiliary_head"):
+        part = {k[len(head) + 1 :]: v for k, v in state.items() if k.startswith(head + ".")}
+        getattr(reference.model, head).load_state_dict(part, strict=True)
+    images = torch.rand(1, 3, 64, 96, generator=g)
+    expected = reference(images)
+    assert expected.shape == (1, 150, 64, 96) and expected.std() > 0
+    torch.testing.assert_close(converted(images), expected, rtol=0, atol=0)

@@ -19,6 +19,7 @@ def test_the_published_settings_are_shipped():
     upernet = {
         f"upernet_{b}_160k"
         for b in ("nat_mini", "nat_tiny", "dinat_mini", "dinat_tiny", "biformer_small", "agent_swin_tiny")
+        + ("ppma_tiny", "ppma_small", "ppma_base")
     }
     fpn = {"fpn_biformer_small_80k", "fpn_agent_pvt_tiny_40k", "fpn_agent_pvt_small_40k"}
     assert names == upernet | fpn
