@@ -180,7 +180,9 @@ def _segment(tmp_path, scenes, name, command, *overrides, subprocess_run=False):
 
 
 @pytest.mark.slow
-def test_two_process_gloo_evaluation_equals_one_process_and_predict_writes_pngs(scenes, tmp_path, capsys):
+def test_two_process_gloo_evaluation_equals_one_process_and_predict_writes_pngs_only_when_trained(
+    scenes, tmp_path, capsys
+):
     model = make_model(decoder="fpn", channels=16, fpn_channels=16, max_iters=6)
     trainer = make_trainer(tmp_path / "train", 6, limit_val_batches=0, enable_checkpointing=False)
     trainer.fit(model, datamodule=make_data(scenes))
@@ -194,6 +196,9 @@ def test_two_process_gloo_evaluation_equals_one_process_and_predict_writes_pngs(
     two = json.loads((ddp / "metrics" / "val_per_class_step0000000.json").read_text())
     assert one["pixels"] == 5 * 64 * 64 and one["mIoU"] > 0
     assert two == one  # the same confusion matrix: every count and metric equal
+    with pytest.raises(ValueError, match=r"segment predict needs --ckpt_path .* randomly initialised"):
+        _segment(tmp_path, scenes, "random", "predict")  # no checkpoint, no converted weights: random heads
+    assert not (tmp_path / "random").exists()
     capsys.readouterr()
     out, _ = _segment(tmp_path, scenes, "predict", "predict", *ckpt, "--render", str(tmp_path / "renders"))
     names = sorted(p.name for p in (scenes[1] / "images").iterdir())
