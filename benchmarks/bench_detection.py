@@ -138,6 +138,18 @@ def measure(name: str, height: int, width: int, repeats: int, device: torch.devi
     return result
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model and its logical CPU count (``/proc/cpuinfo``), for a table's header."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.machine()
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+        cpu = f"{names[0]} ({len(names)} logical CPUs)" if names else cpu
+    return cpu
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=[REFERENCE, *BACKBONES], help="zoo backbones or " + REFERENCE)
@@ -150,11 +162,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes]
-    cpu = platform.machine()
-    with contextlib.suppress(OSError):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-        cpu = f"{names[0]} ({len(names)} logical CPUs)" if names else cpu
+    cpu = device_name(device)
     print(
         f"# {datetime.date.today()} | {cpu} | torch {torch.__version__} | torchvision {torchvision.__version__} | "
         f"timm {timm.__version__} | device {device} | threads {args.threads} | repeats {args.repeats}",

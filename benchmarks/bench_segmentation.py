@@ -16,18 +16,15 @@ UperNet head's stride-4 concatenation and the full-size logits dominate the whol
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
-import platform
 import time
 from functools import partial
-from pathlib import Path
 
 import timm
 import torch
 import yaml
-from bench_detection import peak_bytes, photo
+from bench_detection import device_name, peak_bytes, photo
 
 from attnzoo.recipes.cli import CONFIG_DIR
 from attnzoo.recipes.segmentation import build_segmenter
@@ -92,13 +89,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes]
-    cpu = platform.machine()
-    with contextlib.suppress(OSError):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-        cpu = f"{names[0]} ({len(names)} logical CPUs)" if names else cpu
-    if device.type == "cuda":
-        cpu = torch.cuda.get_device_name(device)
+    cpu = device_name(device)
     print(
         f"# {datetime.date.today()} | {cpu} | torch {torch.__version__} | timm {timm.__version__} | device {device} | "
         f"threads {args.threads} | repeats {args.repeats}",
