@@ -207,3 +207,37 @@ def test_two_process_gloo_evaluation_equals_one_process_and_predict_writes_pngs_
         assert index.mode == "L" and index.size == (64, 64) and np.asarray(index).max() < 11
         assert render.mode == "RGB" and render.size[1] == 64 and render.size[0] > 64  # image + legend
     assert f"wrote 5 index PNGs to {out / 'predictions'}" in capsys.readouterr().out
+
+
+def test_shipped_config_fits_and_validates_on_an_ade20k_folder(scenes, tmp_path):
+    """``attnzoo segment fit`` / ``validate --ckpt_path last`` with a shipped ADE20K config on a folder in the ADE20K
+    layout (``ADEChallengeData2016/{images,annotations}/{training,validation}``, annotation 0 = unlabelled, 1..150 the
+    classes); only the model's size, the schedule and the machine are overridden."""
+    root = tmp_path / "ADEChallengeData2016"
+    for split, source in (("training", scenes[0]), ("validation", scenes[1])):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        for mask_file in sorted((source / "masks").iterdir()):
+            with Image.open(source / "images" / mask_file.name) as image:
+                image.convert("RGB").save(root / "images" / split / f"{mask_file.stem}.jpg")
+            mask = np.asarray(Image.open(mask_file)).astype(np.uint8) + 1  # digit classes 1..11 of 150
+            mask[:2] = 0  # an unlabelled strip: the ignore label after reduce_zero_label
+            Image.fromarray(mask).save(root / "annotations" / split / mask_file.name)
+    out = tmp_path / "run"
+    common = [
+        "--config", "ade20k/upernet_nat_mini_160k.yaml", "--data.root", str(tmp_path), "--data.num_workers", "0",
+        "--model.pretrained_backbone", "false", "--model.channels", "16", "--model.test_scale", "null",
+        "--model.backbone_kwargs", json.dumps({**NAT, "out_norms": True, "small_maps": "zero_pad"}),
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
+        "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(out),
+        "--checkpoint.dirpath", str(out / "checkpoints"), "--model.results_dir", str(out / "metrics"),
+    ]  # fmt: skip
+    fit = ["--data.batch_size", "2", "--data.crop_size", "[48, 48]", "--data.scale", "null"]
+    schedule = ["--model.max_iters", "3", "--trainer.max_steps", "3", "--model.warmup_iters", "1"]
+    main(["fit", *common, *fit, *schedule, "--trainer.val_check_interval", "3"])
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    main(["validate", *common, "--ckpt_path", "last"])
+    metrics = json.loads(max((out / "metrics").glob("val_per_class_step*.json")).read_text())
+    assert metrics["pixels"] == 5 * (64 - 2) * 64  # the unlabelled strip is left out of the metric
+    assert [row["class"] for row in metrics["per_class"][:2]] == ["wall", "building"]  # ADE20K's 150 names
+    assert len(metrics["per_class"]) == 150 and metrics["mIoU"] >= 0
