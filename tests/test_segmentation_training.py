@@ -156,6 +156,7 @@ data:
   num_workers: 0
 trainer:
   accelerator: cpu
+  default_root_dir: %(out)s  # Lightning's config.yaml goes here, not into the working directory
   enable_progress_bar: false
   enable_model_summary: false
   logger: false
