@@ -40,10 +40,8 @@ from .loaders import LazyIterLoader, RankAwareDataModule
 from .posterize import patch_posterize
 from .samplers import (
     AspectRatioBatchSampler,
-    PaddedEvalDataset,
     RepeatedAugSampler,
     SeededDataset,
-    ShardedEvalSampler,
     check_aspect_ratio_bins,
     nearest_aspect_bin,
 )
@@ -415,18 +413,3 @@ class ImageDataModule(RankAwareDataModule):
             generator=generator,
             **self._loader_kwargs(),
         )
-
-    def _eval_loader(self, key: str) -> DataLoader:
-        rank, world = self._rank_world()
-        padded = PaddedEvalDataset(self.eval_dataset(key), world)
-        sampler = ShardedEvalSampler(len(padded), rank, world)
-        return DataLoader(padded, batch_size=self.eval_batch_size, sampler=sampler, **self._loader_kwargs())
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader("predict")

@@ -1,4 +1,5 @@
-"""Loader plumbing shared by the classification and detection data modules: rank-aware samplers, mid-epoch resume."""
+"""Loader plumbing shared by the classification, detection and segmentation data modules: rank-aware samplers,
+mid-epoch resume, the sharded evaluation loaders."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from collections.abc import Callable, Iterator
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
+
+from .samplers import PaddedEvalDataset, ShardedEvalSampler
 
 __all__ = ["LazyIterLoader", "RankAwareDataModule"]
 
@@ -24,9 +27,12 @@ class LazyIterLoader(DataLoader):
 class RankAwareDataModule(pl.LightningDataModule):
     """Base of data modules that build their samplers from the trainer's rank and world size and skip, on resume,
     the batches of the current epoch already trained. Subclasses set ``self._train_sampler`` (a batch sampler or a
-    sampler) and have ``num_workers``, ``pin_memory`` and ``persistent_workers`` hyper-parameters."""
+    sampler) and ``self.eval_batch_size``, fill ``self.datasets`` (split name -> dataset) in ``setup`` or override
+    :meth:`eval_dataset`, and have ``num_workers``, ``pin_memory`` and ``persistent_workers`` hyper-parameters.
+    Evaluation (``val`` / ``test`` / ``predict``) shards the split over the ranks, padded to equal shares."""
 
     collate_fn: Callable | None = None  # the loaders' collate function (``None``: PyTorch's default)
+    eval_collate_fn: Callable | None = None  # the evaluation loaders' (``None``: ``collate_fn``)
     _train_sampler = None
 
     def _rank_world(self) -> tuple[int, int]:
@@ -65,3 +71,25 @@ class RankAwareDataModule(pl.LightningDataModule):
         steps_per_epoch = math.ceil(batches / accumulate)
         steps_done = trainer.global_step - epoch * steps_per_epoch
         return steps_done * accumulate if 0 < steps_done < steps_per_epoch else 0
+
+    def eval_dataset(self, split: str) -> Dataset:
+        """The ``"val"``, ``"test"`` or ``"predict"`` dataset prepared by ``setup``."""
+        return self.datasets[split]
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        rank, world = self._rank_world()
+        padded = PaddedEvalDataset(self.eval_dataset(split), world)
+        sampler = ShardedEvalSampler(len(padded), rank, world)
+        kwargs = self._loader_kwargs()
+        if self.eval_collate_fn is not None:
+            kwargs["collate_fn"] = self.eval_collate_fn
+        return DataLoader(padded, batch_size=self.eval_batch_size, sampler=sampler, **kwargs)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("predict")

@@ -32,7 +32,7 @@ from torchvision.datasets.vision import VisionDataset
 from torchvision.transforms import v2
 
 from ..loaders import LazyIterLoader, RankAwareDataModule
-from ..samplers import AspectRatioBatchSampler, PaddedEvalDataset, ShardedEvalSampler, check_aspect_ratio_bins
+from ..samplers import AspectRatioBatchSampler, check_aspect_ratio_bins
 from .augment import AUGMENTATIONS, DETR_CROP_SCALES, DETR_CROP_SIZE, train_transform
 from .build import MASK_ARCHS
 from .coco_json import images_folder_as_coco, load_coco_json
@@ -356,18 +356,3 @@ class CocoDataModule(RankAwareDataModule):
         generator = torch.Generator().manual_seed(self.hparams.seed + 1000 * rank)
         batches = _EpochTaggedBatches(self._train_sampler)
         return LazyIterLoader(dataset, batch_sampler=batches, generator=generator, **self._loader_kwargs())
-
-    def _eval_loader(self, split: str) -> DataLoader:
-        rank, world = self._rank_world()
-        padded = PaddedEvalDataset(self.datasets[split], world)
-        sampler = ShardedEvalSampler(len(padded), rank, world)
-        return DataLoader(padded, batch_size=self.eval_batch_size, sampler=sampler, **self._loader_kwargs())
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader("predict")

@@ -33,7 +33,7 @@ from torchvision import tv_tensors
 
 from ..detection.data import collate_detection
 from ..loaders import LazyIterLoader, RankAwareDataModule
-from ..samplers import PaddedEvalDataset, RepeatedAugSampler, SeededDataset, ShardedEvalSampler
+from ..samplers import RepeatedAugSampler, SeededDataset
 from .classes import ADE20K_CLASSES
 from .transforms import SegmentationTrainTransform
 
@@ -178,6 +178,8 @@ class SegmentationDataModule(RankAwareDataModule):
         seed: seed of the crop order and the augmentation (position ``p`` of epoch ``e`` always draws the same).
     """
 
+    eval_collate_fn = staticmethod(collate_detection)  # evaluation images keep their own sizes: a list
+
     def __init__(
         self,
         root: str | None = None,
@@ -307,19 +309,3 @@ class SegmentationDataModule(RankAwareDataModule):
             SeededDataset(dataset), batch_size=self.batch_size, sampler=self._train_sampler, drop_last=True,
             generator=generator, **self._loader_kwargs(),
         )  # fmt: skip
-
-    def _eval_loader(self, split: str) -> DataLoader:
-        rank, world = self._rank_world()
-        padded = PaddedEvalDataset(self.datasets[split], world)
-        sampler = ShardedEvalSampler(len(padded), rank, world)
-        kwargs = {**self._loader_kwargs(), "collate_fn": collate_detection}
-        return DataLoader(padded, batch_size=self.eval_batch_size, sampler=sampler, **kwargs)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader("predict")
